@@ -1,0 +1,3 @@
+from memaudit.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Checkpoint loaders and adapters that turn any network into the common denoiser D(x, sigma)."""
