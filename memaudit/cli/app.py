@@ -1,0 +1,77 @@
+"""The `memaudit` command: registers the subcommands and turns bad input into one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import errno
+import sys
+
+import typer
+
+from memaudit import __version__
+from memaudit.errors import UserError
+
+app = typer.Typer(
+    name="memaudit",
+    help="Audit diffusion models for training-data memorization.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"memaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Audit diffusion models for training-data memorization."""
+
+
+def _register() -> None:
+    from memaudit.cli import train  # noqa: F401  (each module adds its command to `app`)
+    for name in ("scan", "smooth"):
+        try:
+            __import__(f"memaudit.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"memaudit.cli.{name}":
+                raise
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print `error: message` on one line to stderr and exit with `code`."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _class_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; UserError, usage errors and I/O errors become one line and exit 2."""
+    _register()
+    try:
+        result = app(args=argv, prog_name="memaudit", standalone_mode=False)
+    except UserError as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+    except (KeyboardInterrupt, typer.Abort):
+        fail("interrupted", 130)
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except OSError as exc:
+        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        fail(f"{str(exc.filename) + ': ' if exc.filename else ''}{reason}")
+    except Exception as exc:  # click's exceptions (typer may vendor its own copy of click)
+        names = _class_names(exc)
+        if "NoArgsIsHelpError" in names:
+            print(exc.format_message(), file=sys.stderr)
+            raise SystemExit(2) from None
+        if "ClickException" in names:
+            fail(" ".join(exc.format_message().split()), getattr(exc, "exit_code", 2))
+        raise
+    raise SystemExit(result if isinstance(result, int) else 0)

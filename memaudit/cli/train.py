@@ -1,0 +1,53 @@
+"""`memaudit train DATA --out model/`: train the built-in UNet with the EDM loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from memaudit.cli.app import app
+from memaudit.cli.options import CHANNELS, DEVICE, QUIET, RESIZE, SEED, resolve_device
+from memaudit.data import load_images
+from memaudit.models.native import is_native, load_native, make_unet_denoiser
+from memaudit.progress import progress_tracker
+from memaudit.training import TrainConfig, fit
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Training images: a folder, .npy or .npz."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
+    steps: int = typer.Option(2000, "--steps", help="Optimiser steps."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the saved weights."),
+    channels_base: int = typer.Option(32, "--width", help="UNet base channel count."),
+    levels: int = typer.Option(2, "--levels", help="UNet resolution levels."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training images."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from --out."),
+    resize: Optional[int] = RESIZE,
+    channels: Optional[int] = CHANNELS,
+    seed: int = SEED,
+    device: str = DEVICE,
+    quiet: bool = QUIET,
+) -> None:
+    """Train the built-in UNet denoiser on DATA (EDM loss) and save a native checkpoint."""
+    dev = resolve_device(device)
+    images = load_images(data, resize=resize, channels=channels, limit=limit).to(dev)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema, seed=seed,
+                         checkpoint_every=checkpoint_every)
+    config.validate()
+    if not resume and is_native(out) and not quiet:
+        Console(stderr=True).print(f"replacing the checkpoint in {out}")
+    model = make_unet_denoiser(tuple(images.shape[1:]), base_channels=channels_base,
+                               channel_mult=tuple([1] + [2] * (levels - 1))).to(dev)
+    history = [{"action": "train", "data": str(data), "num_images": int(images.shape[0]),
+                "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}]
+    with progress_tracker(quiet=quiet) as tracker:
+        fit(model, images, config, out, history, resume=resume, progress=tracker.task("train", steps))
+    if not quiet:
+        Console(stderr=True).print(f"saved {out} ({steps} steps on {images.shape[0]} images)")

@@ -1,0 +1,182 @@
+"""The empirical (closed-form) denoiser of a training set {x_i}, optionally temperature-smoothed and kNN-restricted.
+
+w_i(x, sigma; T) = softmax_i(-||x - x_i||^2 / (2 sigma^2 T)),  D*_T(x, sigma) = sum_i w_i x_i,
+dD*/dx = Cov_w(x_i) / (sigma^2 T).  Computed as chunked GEMMs with a streaming log-sum-exp
+(||x - x_i||^2 = ||x||^2 - 2 x.x_i + ||x_i||^2; the ||x||^2 term cancels in the softmax), so no B x M
+matrix is ever held when M is large.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from memaudit.denoiser import Denoiser, as_sigma
+from memaudit.errors import UserError
+
+DEFAULT_CHUNK = 4096
+
+
+@dataclass
+class TopK:
+    """The k largest log-weights (unnormalised logits) per row and their training-set indices, descending."""
+
+    logits: Tensor  # (B, k)
+    indices: Tensor  # (B, k) long
+
+    def weights(self) -> Tensor:
+        """Weights renormalised over the top k: softmax of the k logits."""
+        return torch.softmax(self.logits, dim=1)
+
+
+class EmpiricalDenoiser(Denoiser):
+    """D*_T(x, sigma) over a training tensor (M, C, H, W); `k` restricts the sum to the k nearest points."""
+
+    def __init__(self, train: Tensor, temperature: float = 1.0, k: Optional[int] = None,
+                 chunk_size: int = DEFAULT_CHUNK):
+        super().__init__()
+        if train.ndim != 4 or train.shape[0] == 0:
+            raise UserError("the empirical model needs a non-empty training set of shape (M, C, H, W)")
+        if not temperature > 0:
+            raise UserError(f"temperature must be > 0, not {temperature}")
+        if k is not None and k < 1:
+            raise UserError(f"k must be >= 1, not {k}")
+        self.image_shape = tuple(train.shape[1:])
+        self.temperature = float(temperature)
+        self.k = None if k is None else min(int(k), train.shape[0])
+        self.chunk_size = int(chunk_size)
+        flat = train.reshape(train.shape[0], -1).contiguous()
+        self.register_buffer("points", flat, persistent=False)
+        self.register_buffer("sq_norms", (flat * flat).sum(1), persistent=False)
+        self.sigma_min, self.sigma_max = 0.002, 80.0
+
+    @classmethod
+    def from_spec(cls, spec: str, train: Optional[Tensor]) -> "EmpiricalDenoiser":
+        """Build from 'empirical', 'empirical:T=2', 'empirical:T=2,k=64' (also chunk=N)."""
+        if train is None:
+            raise UserError("the empirical model needs training data")
+        return cls(train, **parse_empirical_spec(spec))
+
+    @property
+    def num_points(self) -> int:
+        return self.points.shape[0]
+
+    def inverse_scale(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """1 / (2 sigma^2 T) as a (B, 1) column."""
+        return (1.0 / (2.0 * sigma.to(x.dtype) ** 2 * self.temperature)).reshape(-1, 1)
+
+    def chunk_logits(self, xf: Tensor, start: int, stop: int, inv: Tensor) -> Tensor:
+        """Logits -(||x_i||^2 - 2 x.x_i) / (2 sigma^2 T) for training rows start:stop, shape (B, stop-start)."""
+        pts = self.points[start:stop]
+        return (2.0 * (xf @ pts.T) - self.sq_norms[start:stop]) * inv
+
+    def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        if self.k is not None:
+            return self._knn_denoise(xf, sigma).reshape(x.shape).to(x.dtype)
+        out, _ = self._stream(xf, as_sigma(sigma, xf))
+        return out.reshape(x.shape).to(x.dtype)
+
+    def _stream(self, xf: Tensor, sigma: Tensor, v: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """One pass of streaming log-sum-exp: returns sum_i w_i x_i and, if v is given, sum_i w_i x_i (x_i.v)."""
+        inv = self.inverse_scale(xf, sigma)
+        run_max = torch.full((xf.shape[0], 1), -torch.inf, dtype=xf.dtype, device=xf.device)
+        run_sum = torch.zeros_like(run_max)
+        acc = torch.zeros_like(xf)
+        acc_v = torch.zeros_like(xf) if v is not None else None
+        for start in range(0, self.num_points, self.chunk_size):
+            stop = min(start + self.chunk_size, self.num_points)
+            logits = self.chunk_logits(xf, start, stop, inv)
+            new_max = torch.maximum(run_max, logits.amax(1, keepdim=True))
+            rescale = torch.exp(run_max - new_max)
+            e = torch.exp(logits - new_max)
+            pts = self.points[start:stop]
+            run_sum = run_sum * rescale + e.sum(1, keepdim=True)
+            acc = acc * rescale + e @ pts
+            if v is not None:
+                acc_v = acc_v * rescale + (e * (v @ pts.T)) @ pts
+            run_max = new_max
+        return acc / run_sum, (acc_v / run_sum if v is not None else None)
+
+    def topk(self, x: Tensor, sigma: Tensor | float, k: int) -> TopK:
+        """The k largest empirical logits per sample (= its k nearest training points), streamed over chunks."""
+        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        inv = self.inverse_scale(xf, as_sigma(sigma, xf))
+        k = min(int(k), self.num_points)
+        best_val = torch.empty((xf.shape[0], 0), dtype=xf.dtype, device=xf.device)
+        best_idx = torch.empty((xf.shape[0], 0), dtype=torch.long, device=xf.device)
+        for start in range(0, self.num_points, self.chunk_size):
+            stop = min(start + self.chunk_size, self.num_points)
+            logits = self.chunk_logits(xf, start, stop, inv)
+            idx = torch.arange(start, stop, device=xf.device).expand(xf.shape[0], -1)
+            vals = torch.cat([best_val, logits], 1)
+            cand = torch.cat([best_idx, idx], 1)
+            best_val, pos = vals.topk(min(k, vals.shape[1]), dim=1)
+            best_idx = cand.gather(1, pos)
+        return TopK(best_val, best_idx)
+
+    def _knn_denoise(self, xf: Tensor, sigma: Tensor) -> Tensor:
+        """D* restricted to the k nearest points, with exact distances recomputed on the neighbours."""
+        sigma = as_sigma(sigma, xf)
+        idx = self.topk(xf, sigma, self.k).indices
+        weights = self.knn_weights(xf, sigma, idx)
+        return torch.einsum("bk,bkd->bd", weights, self.points[idx])
+
+    def knn_weights(self, xf: Tensor, sigma: Tensor, idx: Tensor) -> Tensor:
+        """softmax over the given neighbours of -||x - x_i||^2 / (2 sigma^2 T), distances computed directly."""
+        d2 = ((xf[:, None, :] - self.points[idx]) ** 2).sum(-1)
+        return torch.softmax(-d2 * self.inverse_scale(xf, sigma), dim=1)
+
+    def jvp(self, x: Tensor, sigma: Tensor | float, v: Tensor) -> Tensor:
+        """J v = (sum_i w_i x_i (x_i.v) - D (D.v)) / (sigma^2 T), the analytic Jacobian-vector product."""
+        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        vf = v.reshape(v.shape[0], -1).to(self.points.dtype)
+        sigma = as_sigma(sigma, xf)
+        if self.k is not None:
+            idx = self.topk(xf, sigma, self.k).indices
+            w = self.knn_weights(xf, sigma, idx)
+            pts = self.points[idx]
+            mean = torch.einsum("bk,bkd->bd", w, pts)
+            second = torch.einsum("bk,bkd->bd", w * torch.einsum("bkd,bd->bk", pts, vf), pts)
+        else:
+            mean, second = self._stream(xf, sigma, vf)
+        jv = second - mean * (mean * vf).sum(1, keepdim=True)
+        return (jv / (sigma.reshape(-1, 1) ** 2 * self.temperature)).reshape(x.shape).to(x.dtype)
+
+    def jacobian(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """Full Jacobian Cov_w(x_i) / (sigma^2 T), shape (B, d, d); only for small d (tests, diagnostics)."""
+        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        sigma = as_sigma(sigma, xf)
+        if self.k is not None:
+            idx = self.topk(xf, sigma, self.k).indices
+            w, pts = self.knn_weights(xf, sigma, idx), self.points[idx]
+        else:
+            logits = self.chunk_logits(xf, 0, self.num_points, self.inverse_scale(xf, sigma))
+            w, pts = torch.softmax(logits, 1), self.points.expand(xf.shape[0], -1, -1)
+        mean = torch.einsum("bk,bkd->bd", w, pts)
+        centred = pts - mean[:, None]
+        cov = torch.einsum("bk,bkd,bke->bde", w, centred, centred)
+        return cov / (sigma.reshape(-1, 1, 1) ** 2 * self.temperature)
+
+
+def parse_empirical_spec(spec: str) -> dict:
+    """'empirical:T=2,k=64' -> {'temperature': 2.0, 'k': 64}; raises UserError on anything else."""
+    name, _, args = spec.partition(":")
+    if name.strip().lower() != "empirical":
+        raise UserError(f"not an empirical model spec: {spec!r}")
+    out: dict = {}
+    keys = {"t": ("temperature", float), "temperature": ("temperature", float), "k": ("k", int),
+            "chunk": ("chunk_size", int)}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip().lower() not in keys:
+            raise UserError(f"bad empirical option {item!r} in {spec!r}; use e.g. empirical:T=2,k=64")
+        field, cast = keys[key.strip().lower()]
+        try:
+            out[field] = cast(value)
+        except ValueError:
+            raise UserError(f"bad value {value!r} for {key} in {spec!r}") from None
+    return out

@@ -1,0 +1,176 @@
+"""Denoiser training with the EDM loss, used by `train` (target x0) and by fine-tuning (other targets).
+
+sigma ~ exp(N(P_mean, P_std^2)), x = x0 + sigma n, loss = lambda(sigma) ||D(x, sigma) - target||^2
+with lambda = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022).  Weights are EMA-averaged; training
+state (step, optimizer, EMA, RNG) is checkpointed so an interrupted run can resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from memaudit.errors import UserError
+from memaudit.models.adapters import NetworkDenoiser
+from memaudit.models.native import is_native, load_native, save_native
+
+STATE_NAME = "training_state.pt"
+# target(x0, x_noisy, sigma) -> the regression target for D(x_noisy, sigma)
+TargetFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for `fit`."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.999
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise UserError("--steps and --batch-size must be >= 1")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, not {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema must be in [0, 1), not {self.ema_decay}")
+
+
+def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def sample_sigmas(n: int, config: TrainConfig, generator: torch.Generator, lo: float, hi: float) -> Tensor:
+    """Log-normal training noise levels, clamped to the model's valid range [lo, hi]."""
+    log_sigma = config.p_mean + config.p_std * torch.randn(n, generator=generator)
+    return log_sigma.exp().clamp(lo, hi)
+
+
+def edm_loss(denoiser: NetworkDenoiser, x0: Tensor, noise: Tensor, sigma: Tensor, target: Tensor) -> Tensor:
+    """Mean over the batch of lambda(sigma) * ||D(x0 + sigma n, sigma) - target||^2 / d."""
+    x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
+    err = (denoiser(x, sigma) - target) ** 2
+    weight = edm_weight(sigma, denoiser.schedule.sigma_data)
+    return (weight * err.flatten(1).mean(1)).mean()
+
+
+class Trainer:
+    """Holds the model, its EMA copy, the optimiser and the RNG; `run` trains until config.steps."""
+
+    def __init__(self, denoiser: NetworkDenoiser, data: Tensor, config: TrainConfig,
+                 target_fn: Optional[TargetFn] = None):
+        config.validate()
+        self.model = denoiser.train()
+        self.ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+        self.data = data
+        self.config = config
+        self.target_fn = target_fn
+        self.opt = torch.optim.Adam(self.model.net.parameters(), lr=config.lr, betas=(0.9, 0.99))
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.last_loss = math.nan
+
+    def train_step(self) -> float:
+        """One optimiser step on a random batch; returns the loss."""
+        cfg, device = self.config, self.data.device
+        idx = torch.randint(0, self.data.shape[0], (cfg.batch_size,), generator=self.generator)
+        x0 = self.data[idx.to(device)]
+        sigma = sample_sigmas(cfg.batch_size, cfg, self.generator, self.model.sigma_min, self.model.sigma_max)
+        noise = torch.randn(x0.shape, generator=self.generator).to(device)
+        sigma = sigma.to(device=device, dtype=x0.dtype)
+        target = x0 if self.target_fn is None else self.target_fn(x0, x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma)
+        loss = edm_loss(self.model, x0, noise, sigma, target.detach())
+        if not torch.isfinite(loss):
+            raise UserError(f"training diverged at step {self.step} (loss {loss.item()}); lower --lr")
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup, 1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.net.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self._update_ema()
+        self.step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        for ema_p, p in zip(self.ema.net.parameters(), self.model.net.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.ema.net.buffers(), self.model.net.buffers()):
+            ema_b.copy_(b)
+
+    def state_bytes(self) -> bytes:
+        """Training state as a weights-only torch file (tensors, numbers and dicts; no code)."""
+        state = {"step": self.step, "model": self.model.net.state_dict(), "optimizer": self.opt.state_dict(),
+                 "generator": self.generator.get_state(), "config": asdict(self.config)}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+    def load_state(self, path: Path) -> None:
+        """Restore a checkpointed training state (loaded with weights_only=True)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.model.net.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"])
+            self.step = int(state["step"])
+        except Exception as exc:  # noqa: BLE001 - any corrupt state is a user-facing error
+            raise UserError(f"cannot resume from {path}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+
+    def save(self, out: Path, history: list[dict], keep_state: bool) -> None:
+        """Write the EMA model as a native checkpoint (atomically), plus the training state if asked."""
+        extra = {STATE_NAME: self.state_bytes()} if keep_state else {}
+        save_native(self.ema, out, history=history, extra_files=extra)
+
+
+def fit(denoiser: NetworkDenoiser, data: Tensor, config: TrainConfig, out: Path, history: list[dict],
+        target_fn: Optional[TargetFn] = None, resume: bool = False,
+        progress: Optional[Callable[..., None]] = None) -> NetworkDenoiser:
+    """Train and write `out` (native checkpoint, EMA weights); resumable from a checkpoint left in `out`.
+
+    On KeyboardInterrupt the current state is saved to `out` before re-raising.
+    """
+    out = Path(out)
+    trainer = Trainer(denoiser, data, config, target_fn)
+    if resume:
+        _resume(trainer, out)
+    try:
+        while trainer.step < config.steps:
+            trainer.last_loss = trainer.train_step()
+            if progress is not None:
+                progress(trainer.step, f"loss {trainer.last_loss:.4f}")
+            if config.checkpoint_every and trainer.step % config.checkpoint_every == 0 and trainer.step < config.steps:
+                trainer.save(out, history, keep_state=True)
+    except KeyboardInterrupt:
+        trainer.save(out, history, keep_state=True)
+        raise
+    trainer.save(out, history, keep_state=False)
+    return trainer.ema
+
+
+def _resume(trainer: Trainer, out: Path) -> None:
+    """Load EMA weights and training state from `out` (written by an earlier, interrupted run)."""
+    state_path = out / STATE_NAME
+    if not (is_native(out) and state_path.is_file()):
+        raise UserError(f"nothing to resume in {out}: no checkpoint with {STATE_NAME} (it is removed when a run finishes)")
+    ema = load_native(out, device=trainer.data.device)
+    trainer.ema.net.load_state_dict(ema.net.state_dict())
+    trainer.load_state(state_path)

@@ -1,0 +1,127 @@
+"""Data loading: folders, arrays, layouts, value ranges and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from memaudit.data import array_to_images, digits_dataset, load_images, to_uint8
+from memaudit.errors import UserError
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_folder_recursive_grayscale(tmp_path):
+    a = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    write_png(tmp_path / "a.png", a)
+    write_png(tmp_path / "sub" / "deeper" / "b.png", 255 - a)
+    (tmp_path / "notes.txt").write_text("ignored")
+    images = load_images(tmp_path)
+    assert images.shape == (2, 1, 8, 8)
+    np.testing.assert_allclose(images[0, 0].numpy(), a / 127.5 - 1, atol=1e-6)
+    np.testing.assert_allclose(images[1, 0].numpy(), (255 - a) / 127.5 - 1, atol=1e-6)
+
+
+def test_folder_rgb_and_jpeg_and_mixed_modes(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    write_png(tmp_path / "c.png", rgb)
+    Image.fromarray(rgb).save(tmp_path / "d.jpg", quality=95)
+    write_png(tmp_path / "e.png", rgb[..., 0])  # grayscale among RGB -> converted to RGB
+    images = load_images(tmp_path)
+    assert images.shape == (3, 3, 6, 6)
+    np.testing.assert_allclose(images[0].permute(1, 2, 0).numpy(), rgb / 127.5 - 1, atol=1e-6)
+    assert load_images(tmp_path, channels=1).shape == (3, 1, 6, 6)
+
+
+def test_mixed_sizes_need_resize(tmp_path):
+    write_png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    write_png(tmp_path / "b.png", np.zeros((10, 12), np.uint8))
+    with pytest.raises(UserError, match="--resize"):
+        load_images(tmp_path)
+    assert load_images(tmp_path, resize=4).shape == (2, 1, 4, 4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: p.mkdir(),
+    lambda p: (p.mkdir(), (p / "x.png").write_bytes(b"not a png")),
+    lambda p: p.with_suffix(".txt").write_text("x"),
+])
+def test_bad_inputs(tmp_path, make):
+    target = tmp_path / "data"
+    make(target)
+    if not target.exists():
+        target = target.with_suffix(".txt")
+    with pytest.raises(UserError):
+        load_images(target)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_images(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("layout", ["nhw", "nhwc", "nchw"])
+def test_array_layouts(tmp_path, layout):
+    base = np.random.default_rng(1).integers(0, 256, size=(5, 1, 7, 7), dtype=np.uint8)
+    arr = {"nhw": base[:, 0], "nhwc": base.transpose(0, 2, 3, 1), "nchw": base}[layout]
+    np.save(tmp_path / "a.npy", arr)
+    np.savez(tmp_path / "b.npz", images=arr, labels=np.arange(5))
+    for name in ("a.npy", "b.npz"):
+        images = load_images(tmp_path / name)
+        np.testing.assert_allclose(images.numpy(), base / 127.5 - 1, atol=1e-6)
+
+
+def test_value_ranges():
+    unit = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 4, 4)
+    np.testing.assert_allclose(array_to_images(unit).numpy().ravel(), unit.ravel() * 2 - 1, atol=1e-6)
+    signed = unit * 2 - 1
+    np.testing.assert_allclose(array_to_images(signed).numpy().ravel(), signed.ravel(), atol=1e-6)
+    with pytest.raises(UserError):
+        array_to_images(unit * 1000)
+    with pytest.raises(UserError):
+        array_to_images(np.full((1, 2, 2), np.nan, np.float32))
+
+
+def test_npz_needs_named_array(tmp_path):
+    np.savez(tmp_path / "c.npz", a=np.zeros((2, 4, 4)), b=np.zeros((2, 4, 4)))
+    with pytest.raises(UserError, match="images"):
+        load_images(tmp_path / "c.npz")
+
+
+def test_pickled_object_arrays_are_refused(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError):
+        load_images(tmp_path / "o.npy")
+
+
+def test_digits_are_real_and_round_trip():
+    d = digits_dataset()
+    assert d.shape == (1797, 8, 8) and d.dtype == np.uint8 and d.max() == 255
+    images = array_to_images(d)
+    assert np.array_equal(to_uint8(images)[..., 0], d)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 6), st.sampled_from([1, 3]))))
+def test_property_uint8_arrays_round_trip(arr):
+    images = array_to_images(arr)
+    assert images.shape == (arr.shape[0], arr.shape[3], arr.shape[1], arr.shape[2])
+    assert images.min() >= -1 and images.max() <= 1
+    assert np.array_equal(to_uint8(images), arr)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(st.sampled_from([np.float32, np.float64, np.int16, np.uint8]),
+              st.lists(st.integers(0, 5), min_size=0, max_size=5).map(tuple)))
+def test_property_any_array_loads_or_is_a_user_error(arr):
+    try:
+        images = array_to_images(arr)
+    except UserError:
+        return
+    assert images.ndim == 4 and images.shape[1] in (1, 3)
+    assert torch.isfinite(images).all() and images.abs().max() <= 1

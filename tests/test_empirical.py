@@ -1,0 +1,130 @@
+"""The empirical denoiser against slow, independent numpy references."""
+
+import numpy as np
+import pytest
+import torch
+
+from memaudit.empirical import EmpiricalDenoiser, parse_empirical_spec
+from memaudit.errors import UserError
+from memaudit.sampling import SamplerConfig, sample
+
+
+def numpy_weights(x, train, sigma, temperature, k=None):
+    """w_i = softmax(-||x - x_i||^2 / (2 sigma^2 T)), optionally over the k nearest only (float64)."""
+    x = x.reshape(x.shape[0], -1).astype(np.float64)
+    pts = train.reshape(train.shape[0], -1).astype(np.float64)
+    out = np.zeros((x.shape[0], pts.shape[0]))
+    for b in range(x.shape[0]):
+        d2 = ((x[b] - pts) ** 2).sum(1)
+        keep = np.argsort(d2, kind="stable")[:k] if k else np.arange(len(d2))
+        logits = -d2[keep] / (2 * sigma[b] ** 2 * temperature)
+        e = np.exp(logits - logits.max())
+        out[b, keep] = e / e.sum()
+    return out
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(0)
+    train = rng.uniform(-1, 1, size=(53, 1, 3, 4))
+    x = rng.normal(size=(6, 1, 3, 4))
+    sigma = np.array([0.05, 0.3, 1.0, 2.5, 10.0, 0.7])
+    return train, x, sigma
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+@pytest.mark.parametrize("chunk", [7, 53, 4096])
+def test_denoiser_matches_numpy(problem, temperature, chunk):
+    train, x, sigma = problem
+    model = EmpiricalDenoiser(torch.from_numpy(train), temperature=temperature, chunk_size=chunk)
+    got = model(torch.from_numpy(x), torch.from_numpy(sigma)).numpy().reshape(6, -1)
+    want = numpy_weights(x, train, sigma, temperature) @ train.reshape(53, -1)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_denoiser_matches_numpy(problem, k):
+    train, x, sigma = problem
+    model = EmpiricalDenoiser(torch.from_numpy(train), temperature=2.0, k=k, chunk_size=11)
+    got = model(torch.from_numpy(x), torch.from_numpy(sigma)).numpy().reshape(6, -1)
+    want = numpy_weights(x, train, sigma, 2.0, k=k) @ train.reshape(53, -1)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_topk_weights_are_renormalised_top_weights(problem):
+    train, x, sigma = problem
+    model = EmpiricalDenoiser(torch.from_numpy(train), temperature=1.5, chunk_size=10)
+    top = model.topk(torch.from_numpy(x), torch.from_numpy(sigma), 8)
+    full = numpy_weights(x, train, sigma, 1.5)
+    for b in range(6):
+        order = np.argsort(-full[b], kind="stable")[:8]
+        np.testing.assert_array_equal(np.sort(top.indices[b].numpy()), np.sort(order))
+        np.testing.assert_allclose(top.weights()[b].numpy(), full[b, top.indices[b].numpy()] / full[b, order].sum(),
+                                   rtol=1e-9)
+
+
+@pytest.mark.parametrize("k", [None, 7])
+def test_analytic_jacobian_is_weighted_covariance(problem, k):
+    train, x, sigma = problem
+    temperature = 2.0
+    model = EmpiricalDenoiser(torch.from_numpy(train), temperature=temperature, k=k, chunk_size=9)
+    jac = model.jacobian(torch.from_numpy(x), torch.from_numpy(sigma)).numpy()
+    w = numpy_weights(x, train, sigma, temperature, k=k)
+    pts = train.reshape(53, -1)
+    for b in range(6):
+        mean = w[b] @ pts
+        cov = (w[b][:, None] * (pts - mean)).T @ (pts - mean)
+        np.testing.assert_allclose(jac[b], cov / (sigma[b] ** 2 * temperature), rtol=1e-8, atol=1e-12)
+    # and against autograd through the streaming forward pass
+    for b in range(2):
+        xb = torch.from_numpy(x[b:b + 1])
+        auto = torch.autograd.functional.jacobian(
+            lambda z: model(z.reshape(xb.shape), torch.from_numpy(sigma[b:b + 1])).reshape(-1), xb.reshape(-1))
+        np.testing.assert_allclose(jac[b], auto.numpy(), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [None, 7])
+def test_jvp_matches_full_jacobian(problem, k):
+    train, x, sigma = problem
+    model = EmpiricalDenoiser(torch.from_numpy(train), temperature=1.0, k=k, chunk_size=8)
+    v = torch.from_numpy(np.random.default_rng(1).normal(size=x.shape))
+    jac = model.jacobian(torch.from_numpy(x), torch.from_numpy(sigma))
+    want = torch.einsum("bde,be->bd", jac, v.reshape(6, -1))
+    got = model.jvp(torch.from_numpy(x), torch.from_numpy(sigma), v).reshape(6, -1)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_float32_tiny_sigma_is_stable_and_picks_nearest(digits32):
+    model = EmpiricalDenoiser(digits32, chunk_size=5)
+    x = digits32[:4] + 1e-3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = model(x, 0.002)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, digits32[:4], atol=1e-5, rtol=0)
+
+
+def test_t1_ode_samples_land_on_training_points(digits32):
+    model = EmpiricalDenoiser(digits32)
+    samples, _ = sample(model, 24, SamplerConfig(sampler="heun", steps=18), seed=3)
+    dist = torch.cdist(samples.reshape(24, -1), digits32.reshape(32, -1))
+    two = dist.topk(2, dim=1, largest=False).values
+    assert (two[:, 0] < 0.02).all(), two[:, 0].max()
+    assert (two[:, 0] / two[:, 1] < 0.01).all()
+    assert len(set(dist.argmin(1).tolist())) > 5  # not a single mode
+
+
+def test_spec_parsing():
+    assert parse_empirical_spec("empirical") == {}
+    assert parse_empirical_spec("empirical:T=2,k=64") == {"temperature": 2.0, "k": 64}
+    assert parse_empirical_spec("empirical: temperature=1.5 , chunk=128") == {"temperature": 1.5, "chunk_size": 128}
+    for bad in ["empirical:T", "empirical:q=1", "empirical:k=two", "empiric"]:
+        with pytest.raises(UserError):
+            parse_empirical_spec(bad)
+
+
+def test_bad_arguments_are_user_errors(digits32):
+    with pytest.raises(UserError):
+        EmpiricalDenoiser(digits32, temperature=0)
+    with pytest.raises(UserError):
+        EmpiricalDenoiser(digits32, k=0)
+    with pytest.raises(UserError):
+        EmpiricalDenoiser(digits32[:0])

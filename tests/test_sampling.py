@@ -1,0 +1,69 @@
+"""Samplers against closed forms: Gaussian data has an exact denoiser, so sample statistics are known."""
+
+import numpy as np
+import pytest
+import torch
+
+from memaudit.denoiser import Denoiser
+from memaudit.errors import UserError
+from memaudit.sampling import SAMPLERS, SamplerConfig, karras_sigmas, sample
+
+
+class GaussianDenoiser(Denoiser):
+    """Exact denoiser of N(mu, s^2 I): D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu)."""
+
+    def __init__(self, mu: float, std: float, shape=(1, 2, 2), sigma_min=0.002, sigma_max=80.0):
+        super().__init__()
+        self.mu, self.std, self.image_shape = mu, std, shape
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.calls = []
+
+    def denoise(self, x, sigma):
+        self.calls.append(sigma.clone())
+        s = sigma.reshape(-1, 1, 1, 1)
+        return self.mu + self.std**2 / (self.std**2 + s**2) * (x - self.mu)
+
+
+def test_karras_schedule_matches_formula():
+    got = karras_sigmas(10, 0.002, 80.0, 7.0).numpy()
+    i = np.arange(10)
+    want = (80 ** (1 / 7) + i / 9 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(got[:-1], want, rtol=1e-12)
+    assert got[-1] == 0 and got[0] == pytest.approx(80) and got[-2] == pytest.approx(0.002)
+    assert np.all(np.diff(got) < 0)
+
+
+@pytest.mark.parametrize("sampler,steps", [("heun", 40), ("euler", 200), ("sde", 200), ("edm-sde", 40), ("ddpm", 200)])
+def test_samplers_reproduce_gaussian_statistics(sampler, steps):
+    model = GaussianDenoiser(mu=0.3, std=0.5)
+    samples, _ = sample(model, 4000, SamplerConfig(sampler=sampler, steps=steps), seed=1, batch_size=1000)
+    assert samples.mean().item() == pytest.approx(0.3, abs=0.02)
+    assert samples.std().item() == pytest.approx(0.5, rel=0.05)
+
+
+def test_seeded_and_deterministic():
+    model = GaussianDenoiser(0.0, 0.5)
+    for name in SAMPLERS:
+        a, _ = sample(model, 8, SamplerConfig(sampler=name, steps=6), seed=5, batch_size=4)
+        b, _ = sample(model, 8, SamplerConfig(sampler=name, steps=6), seed=5, batch_size=4)
+        c, _ = sample(model, 8, SamplerConfig(sampler=name, steps=6), seed=6, batch_size=4)
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
+
+
+def test_schedule_is_clipped_to_model_range_and_trajectory_recorded():
+    model = GaussianDenoiser(0.0, 0.5, sigma_min=0.01, sigma_max=10.0)
+    _, trajs = sample(model, 3, SamplerConfig(sampler="euler", steps=5), seed=0, record=True)
+    sigmas = torch.cat(model.calls)
+    assert sigmas.max().item() == pytest.approx(10.0) and sigmas.min().item() == pytest.approx(0.01)
+    assert trajs[0].sigmas == pytest.approx(karras_sigmas(5, 0.01, 10.0)[:-1].tolist())
+    assert len(trajs[0].xs) == 5 and trajs[0].xs[0].shape == (3, 1, 2, 2)
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(UserError):
+        SamplerConfig(sampler="nope")
+    with pytest.raises(UserError):
+        SamplerConfig(sigma_min=100, sigma_max=200).sigmas_for(GaussianDenoiser(0, 1))
+    with pytest.raises(UserError):
+        karras_sigmas(0)
