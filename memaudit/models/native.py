@@ -2,7 +2,9 @@
 
 config.json: {"format": "memaudit-native", "version": 1, "architecture": {"name": ..., "kwargs": {...}},
 "parameterisation", "schedule", "sigma_min", "sigma_max", "sigma_data", "image_shape", "fixed_noise_input",
-"history": [...]}. No pickle anywhere: loading a native checkpoint never runs code from the file.
+"history": [...]}, plus "alphas_cumprod" for a VP schedule with custom betas (e.g. from diffusers).
+No pickle anywhere: loading a native checkpoint never runs code from the file (a "torchscript" architecture
+is TorchScript read by torch.jit.load; a "factory" one runs only when the user names the same --factory).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from torch import nn
 
 from memaudit.atomic import atomic_dir
 from memaudit.errors import UserError
+from memaudit.models import diffusers_loader, statedict, torchscript
 from memaudit.models.adapters import NetworkDenoiser
-from memaudit.models.schedules import make_schedule
+from memaudit.models.schedules import Schedule, make_schedule
 from memaudit.models.unet import UNet
 
 FORMAT = "memaudit-native"
@@ -30,6 +33,9 @@ WEIGHTS_NAME = "model.safetensors"
 # Builders from architecture kwargs (and the checkpoint folder) to an nn.Module taking (x_in, noise_in).
 ARCHITECTURES: dict[str, Callable[[dict, Path], nn.Module]] = {
     "unet": lambda kwargs, folder: UNet(**kwargs),
+    "factory": statedict.network_from_native,
+    "torchscript": torchscript.network_from_native,
+    "diffusers": diffusers_loader.network_from_native,
 }
 
 
@@ -74,10 +80,22 @@ def native_config(denoiser: NetworkDenoiser, history: list[dict] | None = None) 
         "sigma_max": denoiser.sigma_max,
         "sigma_data": sched.sigma_data,
         "round_timesteps": sched.round_timesteps,
+        **custom_alphas_cumprod(sched),
         "image_shape": list(denoiser.image_shape) if denoiser.image_shape else None,
         "fixed_noise_input": denoiser.fixed_noise_input,
         "history": list(history or []),
     }
+
+
+def custom_alphas_cumprod(sched: Schedule) -> dict[str, Any]:
+    """{"alphas_cumprod": [...]} for a VP schedule whose abar_t differs from its kind's default, else {}."""
+    abar = sched.alphas_cumprod
+    if abar is None:
+        return {}
+    default = make_schedule(sched.kind).alphas_cumprod
+    if default is not None and default.shape == abar.shape and torch.equal(default, abar.double().cpu()):
+        return {}
+    return {"alphas_cumprod": abar.double().cpu().tolist()}
 
 
 def save_native(denoiser: NetworkDenoiser, folder: str | Path, history: list[dict] | None = None,
@@ -142,6 +160,8 @@ def load_native(folder: str | Path, device: str | torch.device = "cpu") -> Netwo
     schedule = make_schedule(config["schedule"], config.get("sigma_min"), config.get("sigma_max"),
                              sigma_data=float(config.get("sigma_data", 0.5)))
     schedule.round_timesteps = bool(config.get("round_timesteps", False))
+    if config.get("alphas_cumprod") is not None:
+        schedule.alphas_cumprod = torch.tensor(config["alphas_cumprod"], dtype=torch.float64)
     shape = config.get("image_shape")
     denoiser = NetworkDenoiser(net, config["parameterisation"], schedule,
                                image_shape=tuple(shape) if shape else None,

@@ -111,6 +111,11 @@ def make_schedule(kind: str, sigma_min: float | None = None, sigma_max: float | 
         sched = Schedule(kind, 0.002, 80.0, sigma_data)
     else:
         raise UserError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+    return set_sigma_range(sched, sigma_min, sigma_max)
+
+
+def set_sigma_range(sched: Schedule, sigma_min: float | None = None, sigma_max: float | None = None) -> Schedule:
+    """Override the schedule's valid sigma range where given; UserError unless 0 < min < max."""
     if sigma_min is not None:
         sched.sigma_min = float(sigma_min)
     if sigma_max is not None:

@@ -1,0 +1,191 @@
+"""diffusers checkpoints: a UNet2DModel folder (save_pretrained) plus its scheduler config.
+
+The scheduler's betas give the VP schedule, abar_t = prod_{s<=t} (1 - beta_s); prediction_type
+epsilon|v_prediction|sample -> eps|v|x0; the network is net(x_vp, t) = unet(x_vp, t).sample.
+diffusers is an optional extra, imported only when such a folder is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from memaudit.errors import UserError
+from memaudit.models.adapters import NetworkDenoiser
+from memaudit.models.schedules import (Schedule, cosine_betas, linear_betas, make_schedule,
+                                       scaled_linear_betas, set_sigma_range, vp_schedule)
+
+CONFIG_NAME = "config.json"
+SCHEDULER_NAME = "scheduler_config.json"
+UNET_CLASSES = ("UNet2DModel",)
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# diffusers beta_schedule -> (memaudit schedule kind, betas(n, beta_start, beta_end))
+BETA_SCHEDULES = {
+    "linear": ("vp-linear", linear_betas),
+    "scaled_linear": ("vp-linear", scaled_linear_betas),
+    "squaredcos_cap_v2": ("vp-cosine", lambda n, start, end: cosine_betas(n)),
+}
+
+
+def import_diffusers() -> Any:
+    """The diffusers package, or a UserError saying how to install it."""
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise UserError(f"loading a diffusers model needs diffusers ({exc}): pip install 'memaudit[diffusers]'"
+                        ) from None
+    return diffusers
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON object in `path`, or None if it is absent or not a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def find_unet(folder: str | Path) -> Optional[Path]:
+    """The diffusers model folder: `folder` itself or its unet/ subfolder (a pipeline), if either has one."""
+    folder = Path(folder)
+    for unet_dir in (folder, folder / "unet"):
+        config = read_json(unet_dir / CONFIG_NAME)
+        if config is not None and "_class_name" in config:
+            return unet_dir
+    return None
+
+
+def find_scheduler_config(unet_dir: Path) -> Optional[Path]:
+    """scheduler_config.json beside the UNet, in its scheduler/ subfolder, or in the pipeline's scheduler/."""
+    for path in (unet_dir / SCHEDULER_NAME, unet_dir / "scheduler" / SCHEDULER_NAME,
+                 unet_dir.parent / "scheduler" / SCHEDULER_NAME):
+        if path.is_file():
+            return path
+    return None
+
+
+def is_diffusers(folder: str | Path) -> bool:
+    """True if `folder` (or its unet/ subfolder) holds a diffusers model config.json."""
+    return Path(folder).is_dir() and find_unet(folder) is not None
+
+
+def schedule_from_scheduler(config: dict, source: Path) -> Schedule:
+    """The VP schedule of a DDPM-style scheduler config (trained_betas, or beta_schedule over n steps)."""
+    if config.get("rescale_betas_zero_snr"):
+        raise UserError(f"{source}: zero-terminal-SNR schedules (sigma_T = inf) are not supported")
+    if config.get("trained_betas") is not None:
+        return vp_schedule("vp-linear", torch.tensor(config["trained_betas"], dtype=torch.float64))
+    name = config.get("beta_schedule", "linear")
+    if name not in BETA_SCHEDULES or not ("beta_schedule" in config or "beta_start" in config):
+        raise UserError(f"{source}: cannot read a VP schedule from {config.get('_class_name', 'this scheduler')} "
+                        f"(beta_schedule {name!r}); pass --schedule and --param")
+    kind, make_betas = BETA_SCHEDULES[name]
+    n = int(config.get("num_train_timesteps", 1000))
+    return vp_schedule(kind, make_betas(n, float(config.get("beta_start", 1e-4)),
+                                        float(config.get("beta_end", 0.02))))
+
+
+def param_from_scheduler(config: dict, source: Path) -> str:
+    """prediction_type epsilon|v_prediction|sample -> eps|v|x0 (diffusers defaults to epsilon)."""
+    kind = config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise UserError(f"{source}: unknown prediction_type {kind!r}; pass --param")
+    return PREDICTION_TYPES[kind]
+
+
+class DiffusersUNetNet(nn.Module):
+    """net(x_in, t) = unet(x_in, t).sample; of a learned-variance output (2C channels) the first C."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.architecture = {"name": "diffusers", "kwargs": {"config": unet_config(unet)}}
+
+    def forward(self, x_in: Tensor, noise_in: Tensor) -> Tensor:
+        out = self.unet(x_in, noise_in).sample
+        if out.shape[1] == 2 * x_in.shape[1]:
+            out = out[:, : x_in.shape[1]]
+        return out
+
+
+def unet_config(unet: nn.Module) -> dict:
+    """The UNet's public config as plain JSON values (tuples become lists, private keys dropped)."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return json.loads(json.dumps(config))
+
+
+def image_shape_of(config: dict) -> Optional[tuple[int, int, int]]:
+    """(in_channels, H, W) from the UNet config's in_channels and sample_size (int or [H, W])."""
+    size = config.get("sample_size")
+    if size is None or config.get("in_channels") is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(config["in_channels"]), int(h), int(w)
+
+
+def build_unet(config: dict) -> DiffusersUNetNet:
+    """A UNet2DModel with fresh weights from its config (native ARCHITECTURES builder)."""
+    model_cls = import_diffusers().UNet2DModel
+    try:
+        return DiffusersUNetNet(model_cls.from_config(config))
+    except Exception as exc:
+        raise UserError(f"bad diffusers UNet config: {type(exc).__name__}: {exc}") from None
+
+
+def network_from_native(kwargs: dict, folder: Path) -> DiffusersUNetNet:
+    """Native ARCHITECTURES builder for {"name": "diffusers", "kwargs": {"config": {...}}}."""
+    if not isinstance(kwargs.get("config"), dict):
+        raise UserError(f"{folder}: diffusers architecture lacks its UNet 'config'")
+    return build_unet(kwargs["config"])
+
+
+def load_unet(unet_dir: Path) -> DiffusersUNetNet:
+    """UNet2DModel.from_pretrained on a local folder (safetensors, or .bin read with weights_only=True)."""
+    config = read_json(unet_dir / CONFIG_NAME) or {}
+    if config.get("_class_name") not in UNET_CLASSES:
+        raise UserError(f"{unet_dir}: {config.get('_class_name')!r} is not supported; memaudit loads "
+                        f"unconditional {', '.join(UNET_CLASSES)} models")
+    model_cls = import_diffusers().UNet2DModel
+    try:
+        unet = model_cls.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise UserError(f"{unet_dir}: cannot load the diffusers UNet: {type(exc).__name__}: {first}") from None
+    return DiffusersUNetNet(unet)
+
+
+def load_diffusers(folder: str | Path, *, device: str | torch.device = "cpu", param: Optional[str] = None,
+                   schedule: Optional[str] = None, sigma_min: Optional[float] = None,
+                   sigma_max: Optional[float] = None, round_timesteps: bool = False) -> NetworkDenoiser:
+    """A diffusers UNet folder as D(x, sigma); --param/--schedule, when given, override the scheduler config."""
+    folder = Path(folder)
+    unet_dir = find_unet(folder)
+    if unet_dir is None:
+        raise UserError(f"{folder}: no diffusers model config.json (with _class_name) here or in unet/")
+    net = load_unet(unet_dir)
+    sched_config, sched_path = _scheduler_config(unet_dir, needed=param is None or schedule is None)
+    sched = (make_schedule(schedule) if schedule is not None
+             else schedule_from_scheduler(sched_config, sched_path))
+    sched.round_timesteps = bool(round_timesteps)
+    set_sigma_range(sched, sigma_min, sigma_max)
+    param = param or param_from_scheduler(sched_config, sched_path)
+    denoiser = NetworkDenoiser(net, param, sched, image_shape=image_shape_of(dict(net.unet.config)))
+    return denoiser.to(device).eval()
+
+
+def _scheduler_config(unet_dir: Path, needed: bool) -> tuple[dict, Path]:
+    path = find_scheduler_config(unet_dir)
+    if path is None:
+        if needed:
+            raise UserError(f"{unet_dir}: no {SCHEDULER_NAME} beside the UNet, in scheduler/ or ../scheduler/; "
+                            "save the scheduler with save_pretrained or pass --param and --schedule")
+        return {}, unet_dir
+    config = read_json(path)
+    if config is None:
+        raise UserError(f"{path} is not a JSON object")
+    return config, path

@@ -1,0 +1,153 @@
+"""Load any supported checkpoint as a Denoiser D(x, sigma), detecting its format, and check it on the data.
+
+Formats: memaudit native folder; diffusers UNet2DModel folder (+ scheduler config); TorchScript archive;
+state dict (.safetensors or torch file) + --factory; a whole pickled nn.Module only with --trust-pickle;
+"empirical[:T=..,k=..]" for the closed-form denoiser of the training set. Pickles are read weights-only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from memaudit.denoiser import Denoiser, check_shape, fmt_shape
+from memaudit.errors import UserError
+from memaudit.models import diffusers_loader, native, statedict, torchscript
+from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
+from memaudit.models.safe_pickle import safe_torch_load
+from memaudit.models.schedules import SCHEDULES, make_schedule, set_sigma_range
+
+EMPIRICAL = "empirical"
+
+
+def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional[str] = None,
+               schedule: Optional[str] = None, factory: Optional[str] = None, trust_pickle: bool = False,
+               sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+               round_timesteps: bool = False, train: Optional[torch.Tensor] = None) -> Denoiser:
+    """The model named by `spec` (a path, or "empirical[:...]" built on `train`) as D(x, sigma), eval mode."""
+    if is_empirical_spec(spec):
+        return load_empirical(spec, train, device)
+    path = Path(spec).expanduser()
+    fmt = detect_format(path)
+    options = dict(param=param, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max,
+                   round_timesteps=round_timesteps)
+    if fmt == "native":
+        denoiser = load_native_checked(path, device, factory=factory, **options)
+    elif fmt == "diffusers":
+        _reject(factory, "--factory", path, fmt)
+        denoiser = diffusers_loader.load_diffusers(path, device=device, **options)
+    elif fmt == "torchscript":
+        _reject(factory, "--factory", path, fmt)
+        denoiser = wrap_network(torchscript.load_torchscript(path, device), path, fmt, **options)
+    else:
+        denoiser = wrap_network(load_file_network(path, factory, trust_pickle), path, fmt, **options)
+    denoiser.source = {"format": fmt, "path": str(path)}
+    return denoiser.to(device).eval()
+
+
+def is_empirical_spec(spec: str) -> bool:
+    """True for "empirical" and "empirical:<options>"."""
+    return spec == EMPIRICAL or spec.startswith(EMPIRICAL + ":")
+
+
+def load_empirical(spec: str, train: Optional[torch.Tensor], device: str | torch.device) -> Denoiser:
+    """memaudit.empirical.EmpiricalDenoiser.from_spec(spec, train): the closed-form denoiser of `train`."""
+    from memaudit.empirical import EmpiricalDenoiser
+
+    return EmpiricalDenoiser.from_spec(spec, train).to(device)
+
+
+def detect_format(path: Path) -> str:
+    """native | diffusers | torchscript | safetensors | torch (a pickle file), or a UserError."""
+    if not path.exists():
+        raise UserError(f"model not found: {path} (expected a checkpoint folder or file, or 'empirical')")
+    if path.is_dir():
+        if native.is_native(path):
+            return "native"
+        if diffusers_loader.is_diffusers(path):
+            return "diffusers"
+        raise UserError(f"{path}: unknown model folder: neither a memaudit checkpoint (config.json with "
+                        f"format {native.FORMAT!r}) nor a diffusers UNet folder (config.json with _class_name)")
+    if torchscript.is_torchscript(path):
+        return "torchscript"
+    if statedict.is_safetensors(path):
+        return "safetensors"
+    return "torch"
+
+
+def load_file_network(path: Path, factory: Optional[str], trust_pickle: bool) -> nn.Module:
+    """A state-dict file loaded into the --factory network, or (with trust_pickle) a whole pickled module."""
+    if factory is not None:
+        return statedict.load_factory_network(path, factory, trust_pickle=trust_pickle)
+    if not statedict.is_safetensors(path):
+        obj = safe_torch_load(path, trust_pickle=trust_pickle)
+        if isinstance(obj, nn.Module):
+            return obj
+    raise UserError(f"{path} holds weights, not a network: pass --factory package.module:function "
+                    "(or file.py:function) that builds the network")
+
+
+def wrap_network(net: nn.Module, path: Path, fmt: str, *, param: Optional[str], schedule: Optional[str],
+                 sigma_min: Optional[float], sigma_max: Optional[float], round_timesteps: bool) -> NetworkDenoiser:
+    """NetworkDenoiser(net, param, schedule) for formats that do not record how the network was trained."""
+    if param is None or schedule is None:
+        raise UserError(f"{path} is a {fmt} model that does not record how it was trained: pass "
+                        f"--param {'|'.join(PARAMETERISATIONS)} and --schedule {'|'.join(SCHEDULES)}")
+    sched = make_schedule(schedule, sigma_min, sigma_max)
+    sched.round_timesteps = bool(round_timesteps)
+    return NetworkDenoiser(net, param, sched)
+
+
+def load_native_checked(path: Path, device: str | torch.device, *, factory: Optional[str],
+                        param: Optional[str], schedule: Optional[str], sigma_min: Optional[float],
+                        sigma_max: Optional[float], round_timesteps: bool) -> NetworkDenoiser:
+    """load_native, refusing --param/--schedule that contradict its config; sigma range and rounding apply."""
+    with statedict.confirmed_factory(factory):
+        denoiser = native.load_native(path, device)
+    for option, given, recorded in (("--param", param, denoiser.param),
+                                    ("--schedule", schedule, denoiser.schedule.kind)):
+        if given is not None and given != recorded:
+            raise UserError(f"{path} is a memaudit checkpoint trained with {option} {recorded}; drop {option} {given}")
+    if sigma_min is not None or sigma_max is not None:
+        set_sigma_range(denoiser.schedule, sigma_min, sigma_max)
+        denoiser.sigma_min, denoiser.sigma_max = denoiser.schedule.sigma_min, denoiser.schedule.sigma_max
+    denoiser.schedule.round_timesteps = denoiser.schedule.round_timesteps or bool(round_timesteps)
+    return denoiser
+
+
+def _reject(value: Optional[str], option: str, path: Path, fmt: str) -> None:
+    if value is not None:
+        raise UserError(f"{option} does not apply to {path}: it is a {fmt} model")
+
+
+def check_model_on_data(denoiser: Denoiser, image_shape: Sequence[int], batch: int = 2) -> None:
+    """One forward pass on a tiny (batch, C, H, W) batch at the mid sigma sqrt(sigma_min * sigma_max).
+
+    UserError("image shape mismatch: ...") if the model cannot take such images; UserError on NaN/inf output.
+    """
+    check_shape(denoiser, image_shape)
+    sigma = float((float(denoiser.sigma_min) * float(denoiser.sigma_max)) ** 0.5)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand((batch, *image_shape), generator=gen) * 2 - 1
+    x = (x0 + sigma * torch.randn(x0.shape, generator=gen)).to(denoiser.device, _float_dtype(denoiser))
+    shape = fmt_shape(image_shape)
+    try:
+        with torch.no_grad():
+            out = denoiser(x, sigma)
+    except (RuntimeError, UserError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"image shape mismatch: the model fails on {shape} (CxHxW) images: {first}") from None
+    if not torch.isfinite(out).all():
+        raise UserError(f"the model returns NaN/inf on {shape} images at sigma={sigma:.3g}; check the "
+                        "checkpoint and its --param/--schedule")
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point parameter or buffer (float32 if none)."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32

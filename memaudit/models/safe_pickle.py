@@ -1,0 +1,47 @@
+"""Safe reading of torch pickle files: tensors and plain containers only, unless the user trusts the file.
+
+torch.load(weights_only=True) unpickles only tensors, numbers, strings and containers; any other global
+(a class, os.system, ...) is refused before it is called. A full pickle (arbitrary objects, nn.Module)
+is unpickled only with an explicit trust_pickle=True (CLI: --trust-pickle), since unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memaudit.errors import UserError
+
+
+def safe_torch_load(path: str | Path, *, trust_pickle: bool = False, map_location: str = "cpu") -> Any:
+    """torch.load(path) with weights_only=True, or a full unpickle only if trust_pickle; UserError on failure."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location=map_location, weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        if trust_pickle:
+            raise UserError(f"{path}: cannot unpickle: {_reason(exc)}") from None
+        raise UserError(
+            f"{path}: refused to unpickle it: it holds Python objects beyond tensors ({_reason(exc)}); "
+            "unpickling can run arbitrary code, so pass --trust-pickle only if you trust its source"
+        ) from None
+    except FileNotFoundError:
+        raise UserError(f"model file not found: {path}") from None
+    except Exception as exc:  # torch raises RuntimeError, KeyError, EOFError, ... on non-torch files
+        raise UserError(f"{path}: not a readable torch checkpoint ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The most informative single line of an exception message (torch's refusals span many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.rstrip(".")
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text}"[:300].rstrip(": ")
