@@ -1,0 +1,471 @@
+"""Self-contained HTML report (inline SVG plots, PNG grids beside it) plus a Markdown summary.
+
+write_html() replaces its output folder as a whole (built in a temporary folder, then renamed), so
+give it a dedicated folder such as <out>/report; it refuses to replace a folder holding anything
+that is not a memaudit report file.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from torch import Tensor
+
+from memaudit.atomic import atomic_dir, write_text_atomic
+from memaudit.errors import UserError
+from memaudit.report.images import auto_upscale, image_grid, pairs_grid, save_png
+from memaudit.report.schema import finite_or_none, fmt
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+REPORT_FILES = re.compile(r"(index\.html|report\.md|(worst|samples)_[A-Za-z0-9_.-]*\.png)")
+
+W, H = 640, 320
+ML, MR, MT, MB = 64, 170, 34, 48  # margins: left, right (legend), top (title), bottom (axis label)
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(v: float) -> str:
+    """Fixed-precision SVG coordinate (deterministic output)."""
+    return f"{v:.2f}"
+
+
+# ------------------------------------------------------------------------------------------------ axes
+
+def _nice_step(span: float, target: int = 5) -> float:
+    raw = span / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def _tick_label(v: float) -> str:
+    if v == 0:
+        return "0"
+    return f"{v:.3g}"
+
+
+class _Axis:
+    """Maps data values to pixels along one axis, linear or log10."""
+
+    def __init__(self, values: Iterable[float], lo_px: float, hi_px: float, log: bool,
+                 include: Sequence[float] = ()) -> None:
+        vals = [v for v in list(values) + list(include) if v is not None and math.isfinite(v) and (v > 0 or not log)]
+        self.log = log
+        if log:
+            vals = [math.log10(v) for v in vals]
+        lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+        if hi - lo < 1e-12:
+            pad = 0.5 if log else (abs(lo) * 0.1 or 1.0)
+            lo, hi = lo - pad, hi + pad
+        elif not log:
+            pad = 0.05 * (hi - lo)
+            lo, hi = lo - (pad if lo != 0 else 0), hi + pad
+        self.lo, self.hi, self.lo_px, self.hi_px = lo, hi, lo_px, hi_px
+
+    def valid(self, v: Optional[float]) -> bool:
+        return v is not None and math.isfinite(v) and (v > 0 or not self.log)
+
+    def __call__(self, v: float) -> float:
+        t = math.log10(v) if self.log else v
+        return self.lo_px + (t - self.lo) / (self.hi - self.lo) * (self.hi_px - self.lo_px)
+
+    def ticks(self) -> list[float]:
+        if self.log:
+            d0, d1 = math.floor(self.lo), math.ceil(self.hi)
+            decades = [10.0 ** d for d in range(d0, d1 + 1) if self.lo - 1e-9 <= d <= self.hi + 1e-9]
+            if len(decades) >= 2:
+                step = max(1, math.ceil(len(decades) / 8))
+                return decades[::step]
+            ticks = [m * 10.0 ** d for d in range(d0, d1 + 1) for m in (1, 2, 5)]
+            return [t for t in ticks if self.lo - 1e-9 <= math.log10(t) <= self.hi + 1e-9]
+        step = _nice_step(self.hi - self.lo)
+        first = math.ceil(self.lo / step - 1e-9)
+        ticks, k = [], first
+        while k * step <= self.hi + 1e-9 * step and len(ticks) < 20:
+            ticks.append(round(k * step, 12))
+            k += 1
+        return ticks
+
+
+def _frame(title: str, xlabel: str, ylabel: str, xa: _Axis, ya: _Axis) -> list[str]:
+    x0, x1, y0, y1 = ML, W - MR, H - MB, MT
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{W}" height="{H}" '
+        f'viewBox="0 0 {W} {H}" role="img" aria-label="{esc(title)}">',
+        f'<rect x="0" y="0" width="{W}" height="{H}" fill="#ffffff"/>',
+        f'<text x="{W / 2 - MR / 2:.0f}" y="20" text-anchor="middle" font-size="14" font-weight="bold">{esc(title)}</text>',
+    ]
+    for t in xa.ticks():
+        px = xa(t)
+        out.append(f'<line x1="{_num(px)}" y1="{y0}" x2="{_num(px)}" y2="{y1}" stroke="#e5e5e5"/>')
+        out.append(f'<line x1="{_num(px)}" y1="{y0}" x2="{_num(px)}" y2="{y0 + 5}" stroke="#333"/>')
+        out.append(f'<text x="{_num(px)}" y="{y0 + 18}" text-anchor="middle" font-size="11">{esc(_tick_label(t))}</text>')
+    for t in ya.ticks():
+        py = ya(t)
+        out.append(f'<line x1="{x0}" y1="{_num(py)}" x2="{x1}" y2="{_num(py)}" stroke="#e5e5e5"/>')
+        out.append(f'<line x1="{x0 - 5}" y1="{_num(py)}" x2="{x0}" y2="{_num(py)}" stroke="#333"/>')
+        out.append(f'<text x="{x0 - 8}" y="{_num(py + 4)}" text-anchor="end" font-size="11">{esc(_tick_label(t))}</text>')
+    out.append(f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="none" stroke="#333"/>')
+    out.append(f'<text x="{(x0 + x1) / 2:.0f}" y="{H - 10}" text-anchor="middle" font-size="12">{esc(xlabel)}</text>')
+    out.append(f'<text x="16" y="{(y0 + y1) / 2:.0f}" text-anchor="middle" font-size="12" '
+               f'transform="rotate(-90 16 {(y0 + y1) / 2:.0f})">{esc(ylabel)}</text>')
+    return out
+
+
+def svg_line_plot(title: str, series: Sequence[Mapping[str, Any]], xlabel: str = "sigma", ylabel: str = "",
+                  logx: bool = True, logy: bool = False, include_y: Sequence[float] = ()) -> str:
+    """An inline SVG line plot. Each series: {"label", "x": [...], "y": [...], optional "dash"}.
+
+    Null / non-finite points (and non-positive ones on a log axis) break the line.
+    """
+    xs = [finite_or_none(v) for s in series for v in s["x"]]
+    ys = [finite_or_none(v) for s in series for v in s["y"]]
+    xa = _Axis(xs, ML, W - MR, logx)
+    ya = _Axis(ys, H - MB, MT, logy, include=include_y)
+    out = _frame(title, xlabel + (" (log scale)" if logx else ""), ylabel + (" (log scale)" if logy else ""), xa, ya)
+    for k, s in enumerate(series):
+        color = s.get("color") or PALETTE[k % len(PALETTE)]
+        dash = ' stroke-dasharray="6 4"' if s.get("dash") else ""
+        points = sorted(((finite_or_none(x), finite_or_none(y)) for x, y in zip(s["x"], s["y"])),
+                        key=lambda p: (p[0] is None, p[0] or 0.0))
+        segments: list[list[tuple[float, float]]] = [[]]
+        for x, y in points:
+            if xa.valid(x) and ya.valid(y):
+                segments[-1].append((xa(x), ya(y)))
+            elif segments[-1]:
+                segments.append([])
+        for seg in segments:
+            if len(seg) >= 2:
+                pts = " ".join(f"{_num(px)},{_num(py)}" for px, py in seg)
+                out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+            if len(seg) <= 40:
+                out.extend(f'<circle cx="{_num(px)}" cy="{_num(py)}" r="2.5" fill="{color}"/>' for px, py in seg)
+        ly = MT + 12 + 18 * k
+        lx = W - MR + 12
+        out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 22}" y2="{ly - 4}" stroke="{color}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{lx + 28}" y="{ly}" font-size="11">{esc(s["label"])}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def svg_histogram(title: str, bin_edges: Sequence[float], counts: Sequence[int],
+                  threshold: Optional[float] = None, xlabel: str = "NN ratio d1/d2") -> str:
+    """An inline SVG bar histogram with an optional vertical threshold line."""
+    edges = [finite_or_none(e) for e in bin_edges]
+    include = [0.0] + ([threshold] if finite_or_none(threshold) is not None else [])
+    xa = _Axis(edges + include, ML, W - MR, False)
+    xa.lo, xa.hi = min(v for v in edges + include if v is not None), max(v for v in edges + include if v is not None)
+    ya = _Axis([float(c) for c in counts], H - MB, MT, False, include=[0.0])
+    ya.lo = 0.0
+    out = _frame(title, xlabel, "samples", xa, ya)
+    for lo, hi, c in zip(edges[:-1], edges[1:], counts):
+        if lo is None or hi is None or not c:
+            continue
+        x, top = xa(lo), ya(c)
+        out.append(f'<rect x="{_num(x + 0.5)}" y="{_num(top)}" width="{_num(max(xa(hi) - x - 1, 0.5))}" '
+                   f'height="{_num(ya(0) - top)}" fill="{PALETTE[0]}"><title>[{lo:.3g}, {hi:.3g}): {int(c)}</title></rect>')
+    if finite_or_none(threshold) is not None:
+        px = xa(threshold)
+        out.append(f'<line x1="{_num(px)}" y1="{H - MB}" x2="{_num(px)}" y2="{MT}" stroke="#d62728" '
+                   f'stroke-width="2" stroke-dasharray="6 4"/>')
+        lx = W - MR + 12
+        out.append(f'<line x1="{lx}" y1="{MT + 8}" x2="{lx + 22}" y2="{MT + 8}" stroke="#d62728" stroke-width="2" '
+                   f'stroke-dasharray="6 4"/>')
+        out.append(f'<text x="{lx + 28}" y="{MT + 12}" font-size="11">threshold {esc(fmt(threshold, 3))}</text>')
+        out.append(f'<text x="{lx + 28}" y="{MT + 28}" font-size="11">left of it: memorized</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _safe_names(runs: Iterable[str]) -> dict[str, str]:
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for run in sorted(runs):
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", run).strip(".") or "run"
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names[run] = name
+    return names
+
+
+def _check_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"cannot write the HTML report to {folder}: it is a file, not a folder")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if not REPORT_FILES.fullmatch(p.name))
+        if foreign:
+            raise UserError(f"refusing to replace {folder}: it holds files that are not part of a memaudit "
+                            f"HTML report (e.g. {foreign[0]}); choose an empty or dedicated folder")
+
+
+def _worst_pairs(nn: Mapping[str, Any], limit: int) -> list[dict]:
+    by_index = {s["index"]: s for s in nn.get("samples") or []}
+    return [by_index[i] for i in (nn.get("worst") or [])[:limit] if i in by_index]
+
+
+def _images_for_run(tmp: Path, fname: str, run: Mapping[str, Any], samples: Optional[Tensor],
+                    train: Optional[Tensor], max_pairs: int, max_samples: int) -> dict[str, Any]:
+    """Write worst_<run>.png / samples_<run>.png into tmp; return {"worst": file, "pairs": [...], "samples": file}."""
+    out: dict[str, Any] = {}
+    if samples is None or len(samples) == 0:
+        return out
+    upscale = auto_upscale(samples.shape[-2])
+    shown = samples[:max_samples]
+    grid = image_grid(shown, nrow=min(16, max(1, math.ceil(math.sqrt(len(shown))))), upscale=upscale)
+    out["samples"] = f"samples_{fname}.png"
+    out["samples_count"] = len(shown)
+    save_png(grid, tmp / out["samples"])
+    nn = run.get("nn_ratio")
+    if nn and train is not None and len(train):
+        pairs = _worst_pairs(nn, max_pairs)
+        for p in pairs:
+            if not (0 <= p["index"] < len(samples)) or not (0 <= p["nearest"] < len(train)):
+                raise ValueError(f"worst pair sample {p['index']} / training image {p['nearest']} is out of range "
+                                 f"({len(samples)} samples, {len(train)} training images)")
+        if pairs:
+            grid = pairs_grid(samples, train, [p["index"] for p in pairs], [p["nearest"] for p in pairs],
+                              upscale=upscale)
+            out["worst"] = f"worst_{fname}.png"
+            out["pairs"] = pairs
+            save_png(grid, tmp / out["worst"])
+    return out
+
+
+def _summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(k, fmt(v, 6)) for k, v in (report.get("summary") or {}).items()]
+
+
+def _plots(report: Mapping[str, Any]) -> list[str]:
+    runs = report.get("runs") or {}
+    plots = []
+    entropy = []
+    eff = []
+    for k, name in enumerate(sorted(runs)):
+        ent = (runs[name] or {}).get("entropy")
+        if ent:
+            color = PALETTE[k % len(PALETTE)]
+            entropy.append({"label": f"{name} mean", "x": ent["sigmas"], "y": ent["mean"], "color": color})
+            entropy.append({"label": f"{name} min", "x": ent["sigmas"], "y": ent["min"], "color": color, "dash": True})
+            eff.append({"label": name, "x": ent["sigmas"], "y": ent["effective_points_mean"], "color": color})
+    if entropy:
+        plots.append(svg_line_plot("Top-K entropy along the trajectory", entropy, ylabel="entropy (nats)",
+                                   include_y=[0.0]))
+        positive = [finite_or_none(v) for s in eff for v in s["y"]]
+        plots.append(svg_line_plot("Effective number of training points, mean exp(H)", eff, ylabel="exp(H)",
+                                   logy=all(v is None or v > 0 for v in positive), include_y=[1.0]))
+    cosine = []
+    for k, name in enumerate(sorted(runs)):
+        tc = (runs[name] or {}).get("trajectory_cosine")
+        if tc:
+            cosine.append({"label": f"{name} trajectory", "x": tc["sigmas"], "y": tc["mean"],
+                           "color": PALETTE[k % len(PALETTE)]})
+    sc = report.get("score_cosine")
+    if sc:
+        cosine.append({"label": "training points", "x": sc["sigmas"], "y": sc["mean"], "color": "#000000",
+                       "dash": True})
+    if cosine:
+        plots.append(svg_line_plot("Score-cosine deviation 1 - cos(model, empirical)", cosine,
+                                   ylabel="deviation (0 = empirical score)", include_y=[0.0]))
+    jac = report.get("jacobian")
+    if jac:
+        vals = [finite_or_none(v) for v in list(jac["model"]) + list(jac["empirical"])]
+        pos = [v for v in vals if v is not None]
+        logy = bool(pos) and min(pos) > 0 and max(pos) / min(pos) > 20
+        plots.append(svg_line_plot("Jacobian spectral norm ||dD/dx||", [
+            {"label": "model", "x": jac["sigmas"], "y": jac["model"]},
+            {"label": "empirical", "x": jac["sigmas"], "y": jac["empirical"], "dash": True},
+        ], ylabel="spectral norm", logy=logy))
+        if any(finite_or_none(v) is not None for v in jac["step_expansion"]):
+            plots.append(svg_line_plot("Sampler step expansion ||Phi(x+d)-Phi(x)|| / ||d||", [
+                {"label": "step expansion", "x": jac["sigmas"], "y": jac["step_expansion"]},
+            ], ylabel="expansion", include_y=[1.0]))
+    return plots
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], raw_cols: Sequence[int] = ()) -> str:
+    out = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>"]
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{c if i in raw_cols else esc(c)}</td>" for i, c in enumerate(row)) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _gate_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    return [(str(g.get("expr", "")), fmt(g.get("value"), 6), "PASS" if g.get("passed") else "FAIL",
+             str(g.get("reason", ""))) for g in report.get("gates") or []]
+
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; padding: 0 1em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 10px; text-align: left; font-size: 14px; }
+th { background: #f3f3f3; }
+.status { display: inline-block; padding: 4px 14px; border-radius: 4px; font-weight: bold; color: #fff; }
+.pass { background: #2ca02c; } .fail { background: #d62728; }
+td.pass, td.fail { color: #fff; font-weight: bold; }
+img.grid { image-rendering: pixelated; border: 1px solid #ccc; max-width: 100%; }
+svg.plot { margin: 0.5em 0; max-width: 100%; height: auto; }
+code { background: #f3f3f3; padding: 0 3px; }
+"""
+
+
+def render_html(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any]]) -> str:
+    """The index.html text; `images` maps run name -> {"samples", "worst", "pairs"} written beside it."""
+    model, data, settings = report.get("model", {}), report.get("data", {}), report.get("settings", {})
+    status = report.get("status", "pass")
+    body = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>memaudit scan: {esc(model.get('spec', ''))}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
+        f"<h1>memaudit scan: {esc(model.get('spec', ''))}</h1>",
+        f'<p><span class="status {"pass" if status == "pass" else "fail"}">{esc(str(status).upper())}</span> '
+        f"schema <code>{esc(report.get('schema', ''))}</code>, memaudit {esc(report.get('memaudit_version', ''))}</p>",
+        "<h2>Setup</h2>",
+        _table(["", "value"], [
+            ("model", f"{model.get('spec', '')} ({model.get('kind', '')}), sigma in "
+                      f"[{fmt(model.get('sigma_min'))}, {fmt(model.get('sigma_max'))}], image shape {model.get('image_shape')}"),
+            ("training data", f"{data.get('path', '')}: {data.get('num_images', '')} images of shape {data.get('image_shape')}"),
+        ] + [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in sorted(settings.items())]),
+        "<h2>Summary</h2>",
+    ]
+    runs = report.get("runs") or {}
+    rows = []
+    for name in sorted(runs):
+        nn = (runs[name] or {}).get("nn_ratio") or {}
+        ent = (runs[name] or {}).get("entropy") or {}
+        rows.append((name, fmt(nn.get("memorized_fraction")), fmt(nn.get("mean")), fmt(nn.get("median")),
+                     fmt(nn.get("min")), fmt(ent.get("final_mean"))))
+    if rows:
+        body.append(_table(["sampler", "memorized fraction", "mean NN ratio", "median NN ratio", "min NN ratio",
+                            "final entropy (nats)"], rows))
+    body.append(_table(["metric", "value"], _summary_rows(report)))
+    for entry in report.get("fid") or []:
+        body.append(f"<p>{'FID (clean-fid)' if entry.get('kind') == 'clean-fid' else 'FID proxy'}: "
+                    f"<b>{esc(fmt(entry.get('value'), 5))}</b> {esc(entry.get('message', ''))}</p>")
+    body.append("<h2>Gates</h2>")
+    gate_rows = _gate_rows(report)
+    if gate_rows:
+        body.append(_table(["gate (fails when true)", "value", "result", "reason"],
+                           [(e, v, f'<span class="status {r.lower()}">{r}</span>', why) for e, v, r, why in gate_rows],
+                           raw_cols=[2]))
+    else:
+        body.append("<p>No gates (pass <code>--fail-on METRIC&gt;NUMBER</code> to gate CI on a metric).</p>")
+
+    body.append("<h2>Nearest-neighbour ratio</h2>")
+    body.append("<p>d1/d2: distance from a sample to its nearest training image over the distance to the second "
+                "nearest. A sample is counted as memorized when the ratio is below the threshold.</p>")
+    for name in sorted(runs):
+        run = runs[name] or {}
+        nn = run.get("nn_ratio")
+        body.append(f"<h3>Sampler {esc(name)}</h3>")
+        if nn:
+            body.append(f"<p>memorized fraction <b>{esc(fmt(nn.get('memorized_fraction')))}</b> "
+                        f"(threshold {esc(fmt(nn.get('threshold')))})</p>")
+            hist = nn.get("histogram") or {}
+            if hist.get("counts"):
+                body.append(svg_histogram(f"NN ratio histogram ({name})", hist["bin_edges"], hist["counts"],
+                                          nn.get("threshold")))
+        imgs = images.get(name) or {}
+        if imgs.get("worst"):
+            body.append("<h4>Worst pairs: sample | nearest training image</h4>")
+            body.append(f'<img class="grid" src="{esc(imgs["worst"])}" alt="worst pairs for {esc(name)}">')
+            body.append(_table(["row", "sample", "NN ratio", "nearest training image", "d1", "d2"],
+                               [(k + 1, p["index"], fmt(p.get("ratio")), p["nearest"], fmt(p.get("d1")), fmt(p.get("d2")))
+                                for k, p in enumerate(imgs["pairs"])]))
+        if imgs.get("samples"):
+            body.append(f"<h4>Samples (first {imgs['samples_count']})</h4>")
+            body.append(f'<img class="grid" src="{esc(imgs["samples"])}" alt="samples for {esc(name)}">')
+
+    plots = _plots(report)
+    if plots:
+        body.append("<h2>Curves over the noise level sigma</h2>")
+        body.extend(plots)
+    body += ["</body>", "</html>", ""]
+    return "\n".join(body)
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
+
+
+def md(value: Any) -> str:
+    """Escape a string for a Markdown table cell / paragraph (one line)."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).splitlines()))
+
+
+def render_markdown(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any]]) -> str:
+    """report.md: status, per-sampler table, summary metrics, gates and the same images."""
+    model, data = report.get("model", {}), report.get("data", {})
+    lines = [f"# memaudit scan: {md(model.get('spec', ''))}", "",
+             f"**Status: {md(str(report.get('status', 'pass')).upper())}**", "",
+             f"Model {md(model.get('spec', ''))} ({md(model.get('kind', ''))}) on {md(data.get('path', ''))} "
+             f"({md(data.get('num_images', ''))} images).", ""]
+    runs = report.get("runs") or {}
+    if runs:
+        lines += ["| sampler | memorized fraction | mean NN ratio | min NN ratio | final entropy (nats) |",
+                  "|---|---:|---:|---:|---:|"]
+        for name in sorted(runs):
+            nn = (runs[name] or {}).get("nn_ratio") or {}
+            ent = (runs[name] or {}).get("entropy") or {}
+            lines.append(f"| {md(name)} | {fmt(nn.get('memorized_fraction'))} | {fmt(nn.get('mean'))} | "
+                         f"{fmt(nn.get('min'))} | {fmt(ent.get('final_mean'))} |")
+        lines.append("")
+    lines += ["## Summary metrics", "", "| metric | value |", "|---|---:|"]
+    lines += [f"| `{k}` | {v} |" for k, v in _summary_rows(report)]
+    lines.append("")
+    for entry in report.get("fid") or []:
+        label = "FID (clean-fid)" if entry.get("kind") == "clean-fid" else "FID proxy"
+        lines += [f"{label}: **{fmt(entry.get('value'), 5)}** {md(entry.get('message', ''))}", ""]
+    lines += ["## Gates", ""]
+    gate_rows = _gate_rows(report)
+    if gate_rows:
+        lines += ["| gate (fails when true) | value | result | reason |", "|---|---:|---|---|"]
+        lines += [f"| {md(e)} | {v} | **{r}** | {md(why)} |" for e, v, r, why in gate_rows]
+    else:
+        lines.append("No gates.")
+    lines.append("")
+    for name in sorted(runs):
+        imgs = images.get(name) or {}
+        if imgs.get("worst") or imgs.get("samples"):
+            lines += [f"## Sampler {md(name)}", ""]
+        if imgs.get("worst"):
+            lines += ["Worst pairs (sample | nearest training image):", "", f"![worst pairs]({imgs['worst']})", ""]
+        if imgs.get("samples"):
+            lines += ["Samples:", "", f"![samples]({imgs['samples']})", ""]
+    lines.append("Plots: see index.html.")
+    return "\n".join(lines) + "\n"
+
+
+def write_html(report: Mapping[str, Any], folder: str | os.PathLike,
+               samples: Optional[Mapping[str, Tensor]] = None, train: Optional[Tensor] = None,
+               max_pairs: int = 16, max_samples: int = 64) -> Path:
+    """Write folder/index.html, folder/report.md, folder/worst_<run>.png and folder/samples_<run>.png.
+
+    samples: generated images (N, C, H, W) in [-1, 1] per run name; train: training images in
+    [-1, 1], indexed by the nn_ratio "nearest" fields. Runs without samples get no images. The
+    folder is replaced atomically as a whole. Returns the path of index.html.
+    """
+    folder = Path(folder)
+    _check_folder(folder)
+    samples = samples or {}
+    runs = report.get("runs") or {}
+    names = _safe_names(runs)
+    with atomic_dir(folder) as tmp:
+        images = {run: _images_for_run(tmp, names[run], runs[run] or {}, samples.get(run), train,
+                                       max_pairs, max_samples) for run in sorted(runs)}
+        write_text_atomic(tmp / "index.html", render_html(report, images))
+        write_text_atomic(tmp / "report.md", render_markdown(report, images))
+    return folder / "index.html"

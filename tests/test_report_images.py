@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from memaudit.report.images import auto_upscale, image_grid, pairs_grid, save_png
+
+
+def test_grid_size_and_layout():
+    images = torch.full((5, 1, 8, 8), -1.0)
+    images[4] = 1.0
+    grid = image_grid(images, nrow=3, padding=2, upscale=4, pad_value=128)
+    assert grid.mode == "L"
+    assert grid.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)
+    a = np.asarray(grid)
+    assert (a[2:34, 2:34] == 0).all()  # first image, black, nearest-neighbour upscaled
+    assert (a[36:68, 36:68] == 255).all()  # image 4: row 1, column 1
+    assert (a[36:68, 70:102] == 128).all()  # empty slot stays padding
+    assert (a[:2] == 128).all() and (a[:, 34:36] == 128).all()
+
+
+def test_grid_nearest_neighbour_keeps_pixels_crisp():
+    img = torch.tensor([[[[-1.0, 1.0], [1.0, -1.0]]]])
+    a = np.asarray(image_grid(img, nrow=1, padding=0, upscale=3))
+    assert a.shape == (6, 6)
+    assert (a[:3, :3] == 0).all() and (a[:3, 3:] == 255).all() and (a[3:, :3] == 255).all()
+
+
+def test_grid_rgb_and_errors():
+    grid = image_grid(torch.zeros(2, 3, 4, 4), nrow=8, padding=1)
+    assert grid.mode == "RGB" and grid.size == (2 * 4 + 3, 4 + 2)
+    assert np.asarray(grid)[1, 1].tolist() == [128, 128, 128]
+    for bad in (torch.zeros(0, 1, 4, 4), torch.zeros(2, 2, 4, 4), torch.zeros(4, 4)):
+        with pytest.raises(ValueError):
+            image_grid(bad)
+
+
+def test_pairs_grid_rows_are_sample_then_nearest(tmp_path):
+    samples = torch.linspace(-1, 1, 4).view(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous()
+    train = samples.flip(0) * 0.5  # values differ from every sample
+    grid = pairs_grid(samples, train, [3, 0], [1, 2], padding=2)
+    up = auto_upscale(8)
+    assert up == 8
+    assert grid.size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
+    a = np.asarray(grid)
+    assert a[2 + 10, 2 + 10] == 255  # row 0 left: sample 3 (value +1)
+    assert a[2 + 10, 68 + 10] == round((1 + train[1, 0, 0, 0].item()) * 127.5)  # row 0 right: train 1
+    assert a[68 + 10, 2 + 10] == 0  # row 1 left: sample 0 (value -1)
+    path = tmp_path / "pairs.png"
+    save_png(grid, path)
+    with Image.open(path) as img:
+        assert img.size == grid.size and np.array_equal(np.asarray(img), a)
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.png"]
+
+
+def test_pairs_grid_mixed_channels_and_errors():
+    grid = pairs_grid(torch.zeros(2, 3, 8, 8), torch.zeros(3, 1, 8, 8), [0], [2], upscale=1)
+    assert grid.mode == "RGB" and grid.size == (2 * 8 + 6, 8 + 4)
+    with pytest.raises(ValueError):
+        pairs_grid(torch.zeros(2, 1, 8, 8), torch.zeros(3, 1, 8, 8), [], [])
+    with pytest.raises(ValueError):
+        pairs_grid(torch.zeros(2, 1, 8, 8), torch.zeros(3, 1, 4, 4), [0], [0])
