@@ -12,6 +12,17 @@ from typing import Iterator
 from memaudit.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(path: Path, is_dir: bool) -> None:
+    """Give a temp file/folder the permissions a normal open()/mkdir() would (mkstemp uses 0600/0700)."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside `target`; on success it is renamed onto `target`.
@@ -29,6 +40,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _default_mode(tmp_path, is_dir=False)
         os.replace(tmp_path, target)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
@@ -65,6 +77,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
     try:
         yield tmp
+        _default_mode(tmp, is_dir=True)
+        for child in tmp.rglob("*"):
+            _default_mode(child, is_dir=child.is_dir())
         old = None
         if target.exists():
             old = parent / f".{target.name}.old-{os.getpid()}"

@@ -157,29 +157,51 @@ class Trajectory:
         self.denoised.append(denoised.detach().cpu())
 
 
-def sample(denoiser: Denoiser, n: int, config: SamplerConfig, seed: int = 0, batch_size: int = 64,
-           device: str | torch.device | None = None, callback: Optional[Callable[[int, Tensor, Trajectory], None]] = None,
-           progress: Optional[Callable[[int], None]] = None, record: bool = False) -> tuple[Tensor, list[Trajectory]]:
-    """Draw n samples in batches; returns (samples on CPU, trajectories if record else []).
+@dataclass
+class SamplingState:
+    """Progress of a batched sampling run: finished batches, recorded trajectories, CPU generator state.
 
-    The initial noise of all n samples comes from one CPU generator seeded with `seed`, so results do not
-    depend on the device.  `progress(k)` is called after each batch with the number of samples done.
+    Saving it after each batch and passing it back to `sample` continues the run exactly (resume).
+    """
+
+    batches: list[Tensor] = field(default_factory=list)
+    trajectories: list[Trajectory] = field(default_factory=list)
+    done: int = 0
+    generator_state: Optional[Tensor] = None
+
+
+def sample(denoiser: Denoiser, n: int, config: SamplerConfig, seed: int = 0, batch_size: int = 64,
+           device: str | torch.device | None = None, progress: Optional[Callable[[int], None]] = None,
+           record: int = 0, state: Optional[SamplingState] = None,
+           on_batch: Optional[Callable[[SamplingState], None]] = None) -> tuple[Tensor, list[Trajectory]]:
+    """Draw n samples in batches; returns (samples on CPU, trajectories of the first `record` samples).
+
+    All noise comes from one CPU generator seeded with `seed`, so results do not depend on the device.
+    `progress(k)` gets the number of samples done after each batch; `on_batch(state)` gets the state to
+    save for a resume, and passing that `state` back continues the run to the same result.
     """
     if denoiser.image_shape is None:
         raise UserError("the model does not declare an image shape; pass data so it can be inferred")
     if n < 1:
         raise UserError(f"number of samples must be >= 1, not {n}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, not {batch_size}")
     device = torch.device(device) if device is not None else denoiser.device
     generator = torch.Generator().manual_seed(int(seed))
-    outputs, trajectories = [], []
-    for start in range(0, n, batch_size):
-        size = min(batch_size, n - start)
+    state = state or SamplingState()
+    if state.generator_state is not None:
+        generator.set_state(state.generator_state)
+    while state.done < n:
+        size = min(batch_size, n - state.done)
         noise = torch.randn((size, *denoiser.image_shape), generator=generator).to(device)
-        traj = Trajectory() if record else None
-        out = sample_batch(denoiser, noise, config, generator, traj)
-        outputs.append(out.cpu())
+        traj = Trajectory() if state.done < record else None
+        state.batches.append(sample_batch(denoiser, noise, config, generator, traj).cpu())
         if traj is not None:
-            trajectories.append(traj)
+            state.trajectories.append(traj)
+        state.done += size
+        state.generator_state = generator.get_state()
+        if on_batch is not None:
+            on_batch(state)
         if progress is not None:
-            progress(start + size)
-    return torch.cat(outputs), trajectories
+            progress(state.done)
+    return torch.cat(state.batches)[:n], state.trajectories

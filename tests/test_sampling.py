@@ -6,7 +6,7 @@ import torch
 
 from memaudit.denoiser import Denoiser
 from memaudit.errors import UserError
-from memaudit.sampling import SAMPLERS, SamplerConfig, karras_sigmas, sample
+from memaudit.sampling import SAMPLERS, SamplerConfig, SamplingState, karras_sigmas, sample
 
 
 class GaussianDenoiser(Denoiser):
@@ -53,7 +53,7 @@ def test_seeded_and_deterministic():
 
 def test_schedule_is_clipped_to_model_range_and_trajectory_recorded():
     model = GaussianDenoiser(0.0, 0.5, sigma_min=0.01, sigma_max=10.0)
-    _, trajs = sample(model, 3, SamplerConfig(sampler="euler", steps=5), seed=0, record=True)
+    _, trajs = sample(model, 3, SamplerConfig(sampler="euler", steps=5), seed=0, record=3)
     sigmas = torch.cat(model.calls)
     assert sigmas.max().item() == pytest.approx(10.0) and sigmas.min().item() == pytest.approx(0.01)
     assert trajs[0].sigmas == pytest.approx(karras_sigmas(5, 0.01, 10.0)[:-1].tolist())
@@ -67,3 +67,23 @@ def test_bad_settings_are_user_errors():
         SamplerConfig(sigma_min=100, sigma_max=200).sigmas_for(GaussianDenoiser(0, 1))
     with pytest.raises(UserError):
         karras_sigmas(0)
+
+
+def test_resumed_sampling_gives_the_same_samples():
+    model = GaussianDenoiser(0.0, 0.5)
+    config = SamplerConfig(sampler="sde", steps=8)
+    full, full_traj = sample(model, 10, config, seed=2, batch_size=3, record=6)
+    saved = []
+
+    def stop_after_two(state):
+        if len(state.batches) == 2:
+            saved.append(SamplingState(list(state.batches), list(state.trajectories), state.done,
+                                       state.generator_state.clone()))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(model, 10, config, seed=2, batch_size=3, record=6, on_batch=stop_after_two)
+    resumed, traj = sample(model, 10, config, seed=2, batch_size=3, record=6, state=saved[0])
+    assert torch.equal(full, resumed)
+    assert len(traj) == len(full_traj) == 2
+    assert all(torch.equal(a, b) for t, u in zip(traj, full_traj) for a, b in zip(t.xs, u.xs))
