@@ -1,0 +1,192 @@
+"""Frechet distance between Gaussian fits of two image sets.
+
+FID (Heusel et al. 2017) via clean-fid (Parmar et al. 2022) when it is installed and its Inception weights are
+available; otherwise, and always in addition, an offline *proxy*: the same Frechet distance in a pixel-PCA space
+fitted on the training set.  The proxy needs no network and no weights but is NOT comparable with published FID
+numbers; use it only to compare runs on the same training set.
+"""
+
+from __future__ import annotations
+
+import inspect
+import platform
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from memaudit.data import to_uint8
+from memaudit.errors import UserError
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_HOST = "nvlabs-fi-cdn.nvidia.com"
+FID_MODES = ("auto", "clean-fid", "proxy", "off")
+MAX_PCA_FIT = 5000
+
+
+@dataclass
+class FIDResult:
+    """value None means unavailable (message says why); kind is 'clean-fid' or 'proxy'."""
+
+    value: Optional[float]
+    kind: str
+    message: str
+
+
+def _psd_sqrt(c: Tensor) -> Tensor:
+    """Symmetric PSD square root V diag(sqrt(max(l, 0))) V^T by eigh."""
+    vals, vecs = torch.linalg.eigh((c + c.T) / 2)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2), in float64 via eigh."""
+    mu1, mu2 = (torch.as_tensor(m, dtype=torch.float64).reshape(-1) for m in (mu1, mu2))
+    cov1, cov2 = (torch.as_tensor(c, dtype=torch.float64, device=mu1.device) for c in (cov1, cov2))
+    cov1, cov2 = cov1.reshape(mu1.numel(), -1), cov2.reshape(mu1.numel(), -1)
+    s1 = _psd_sqrt(cov1)
+    middle = s1 @ cov2 @ s1
+    tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    diff = mu1 - mu2.to(mu1.device)
+    value = diff @ diff + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_covmean
+    return max(float(value), 0.0)
+
+
+def _gaussian(feats: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance (rows = observations)."""
+    return feats.mean(0), torch.cov(feats.T).reshape(feats.shape[1], feats.shape[1])
+
+
+def pca_basis(train: Tensor, dims: int = 64, max_fit: int = MAX_PCA_FIT) -> tuple[Tensor, Tensor]:
+    """Training mean and the top min(dims, M-1, d) principal directions (d, r), float64; fitted on at most
+    max_fit evenly spaced training images."""
+    flat = train.reshape(train.shape[0], -1).double()
+    if flat.shape[0] > max_fit:
+        flat = flat[torch.linspace(0, flat.shape[0] - 1, max_fit, device=flat.device).round().long()]
+    mean = flat.mean(0)
+    xc = flat - mean
+    r = max(1, min(dims, xc.shape[0] - 1, xc.shape[1]))
+    if xc.shape[1] <= xc.shape[0]:
+        _, vecs = torch.linalg.eigh(xc.T @ xc)
+        basis = vecs[:, -r:]
+    else:  # Gram trick: eigenvectors of Xc Xc^T mapped back through Xc^T
+        vals, vecs = torch.linalg.eigh(xc @ xc.T)
+        basis = (xc.T @ vecs[:, -r:]) / vals[-r:].clamp_min(1e-300).sqrt()
+    return mean, basis.flip(1)
+
+
+def fid_proxy(samples: Tensor, train: Tensor, dims: int = 64) -> float:
+    """Frechet distance of Gaussian fits in the top-`dims` pixel-PCA space of the training set (offline proxy,
+    not comparable with published FID)."""
+    if samples.shape[0] < 2 or train.shape[0] < 2:
+        raise UserError("the FID proxy needs at least 2 samples and 2 training images")
+    if samples[0].numel() != train[0].numel():
+        raise UserError("samples and training images have different sizes; cannot compare them")
+    mean, basis = pca_basis(train, dims)
+    project = lambda x: (x.reshape(x.shape[0], -1).to(basis.device, torch.float64) - mean) @ basis  # noqa: E731
+    mu1, c1 = _gaussian(project(samples))
+    mu2, c2 = _gaussian(project(train))
+    return frechet_distance(mu1, c1, mu2, c2)
+
+
+def _import_cleanfid():
+    """cleanfid.fid, or None if it (or its torchvision dependency) cannot be imported."""
+    try:
+        from cleanfid import fid
+    except Exception:  # ImportError, or torchvision failing to load against this torch
+        return None
+    return fid
+
+
+def cleanfid_available() -> bool:
+    """True if clean-fid can be imported."""
+    return _import_cleanfid() is not None
+
+
+def inception_cache_path() -> Path:
+    """Where clean-fid looks for (and downloads) its Inception weights: /tmp on POSIX, ./ on Windows."""
+    return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """True if a TCP connection to host:port opens within `timeout` seconds (DNS included; never blocks longer)."""
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
+
+
+def _write_pngs(images: Tensor, folder: Path) -> None:
+    """Save images (N, C, H, W) in [-1, 1] as RGB PNGs."""
+    for i, arr in enumerate(to_uint8(images)):
+        arr = np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
+        Image.fromarray(arr).save(folder / f"{i:06d}.png")
+
+
+def _cleanfid_kwargs(fn, device) -> dict:
+    kwargs = {"mode": "clean", "num_workers": 0, "device": torch.device(device), "verbose": False,
+              "use_dataparallel": False}
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def clean_fid(samples: Tensor, train: Tensor, device, allow_download: bool = True) -> FIDResult:
+    """FID between samples and training images with clean-fid (Inception pool3, mode 'clean'), via temp PNGs."""
+    fid = _import_cleanfid()
+    if fid is None:
+        return FIDResult(None, "clean-fid", "clean-fid is not installed (pip install 'memaudit[fid]')")
+    weights = inception_cache_path()
+    if not weights.is_file() and not (allow_download and _reachable(INCEPTION_HOST)):
+        return FIDResult(None, "clean-fid", f"clean-fid's Inception weights are not at {weights} and "
+                         f"{INCEPTION_HOST} is unreachable; copy {INCEPTION_FILE} there to compute FID offline")
+    if samples.shape[0] < 2 or train.shape[0] < 2:
+        return FIDResult(None, "clean-fid", "FID needs at least 2 samples and 2 training images")
+    try:
+        with tempfile.TemporaryDirectory(prefix="memaudit-fid-") as tmp:
+            gen_dir, ref_dir = Path(tmp, "samples"), Path(tmp, "train")
+            gen_dir.mkdir()
+            ref_dir.mkdir()
+            _write_pngs(samples, gen_dir)
+            _write_pngs(train, ref_dir)
+            value = fid.compute_fid(str(gen_dir), str(ref_dir), **_cleanfid_kwargs(fid.compute_fid, device))
+    except Exception as exc:
+        return FIDResult(None, "clean-fid", f"clean-fid failed: {exc.__class__.__name__}: {str(exc).strip()[:200]}")
+    counts = f"{samples.shape[0]} samples vs {train.shape[0]} training images"
+    return FIDResult(float(value), "clean-fid", f"clean-fid (Inception, mode=clean), {counts}")
+
+
+def proxy_result(samples: Tensor, train: Tensor, dims: int = 64) -> FIDResult:
+    """fid_proxy wrapped as a FIDResult (value None with the reason if it cannot be computed)."""
+    try:
+        value = fid_proxy(samples, train, dims)
+    except UserError as exc:
+        return FIDResult(None, "proxy", str(exc))
+    return FIDResult(value, "proxy", f"offline pixel-PCA({dims}) Frechet distance; not comparable with published FID")
+
+
+def compute_fid(samples: Tensor, train: Tensor, device, mode: str = "auto") -> list[FIDResult]:
+    """'auto': clean-fid if installed, plus the proxy; 'clean-fid' or 'proxy': only that one; 'off': []."""
+    if mode not in FID_MODES:
+        raise UserError(f"unknown FID mode {mode!r}; choose one of {', '.join(FID_MODES)}")
+    results = []
+    if mode == "clean-fid" or (mode == "auto" and cleanfid_available()):
+        results.append(clean_fid(samples, train, device))
+    if mode in ("auto", "proxy"):
+        results.append(proxy_result(samples, train))
+    return results

@@ -1,0 +1,121 @@
+"""Jacobian expansion: spectral norm ||dD/dx||_2 per sample (model vs empirical) and one-step sampler expansion.
+
+Model: power iteration on J^T J, matrix-free: J v by forward-mode AD (torch.func.jvp; central differences for
+ops without forward AD, e.g. custom autograd Functions), J^T u by reverse mode (torch.autograd.grad w.r.t. x only,
+so nothing accumulates into parameters).  The batch is treated as independent samples: vectors are normalised
+per sample.  Empirical: J = Cov_w(x_i) / (sigma^2 T) is
+symmetric PSD, so power iteration on J itself with the analytic EmpiricalDenoiser.jvp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from memaudit.denoiser import Denoiser, as_sigma
+from memaudit.empirical import EmpiricalDenoiser
+from memaudit.metrics import device_of
+from memaudit.sampling import heun_step
+
+TINY = 1e-30
+
+
+def _norms(v: Tensor) -> Tensor:
+    """Per-sample L2 norms as a (B, 1, ...) tensor broadcastable against v."""
+    return v.reshape(v.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (v.ndim - 1)))
+
+
+def _normalise(v: Tensor) -> Tensor:
+    return v / _norms(v).clamp_min(TINY)
+
+
+def _start_vector(x: Tensor, generator) -> Tensor:
+    """A random unit vector per sample (drawn on the CPU generator, moved to x's device)."""
+    v = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+    return _normalise(v)
+
+
+def _math_attention():
+    """Force the composite (math) attention kernel, whose ops all support forward-mode AD."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _jvp(f, x: Tensor, v: Tensor) -> Tensor:
+    """J v by forward-mode AD; central differences (step 1e-3 max(||x||, 1)) for ops without forward AD."""
+    try:
+        with _math_attention():
+            return torch.func.jvp(f, (x,), (v,))[1].detach()
+    except (NotImplementedError, RuntimeError):  # no forward-AD formula / autograd.Function without jvp
+        h = 1e-3 * _norms(x).clamp_min(1.0)
+        with torch.no_grad():
+            return (f(x + h * v) - f(x - h * v)) / (2 * h)
+
+
+def model_jacobian_norm(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, iters: int = 10,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """||dD/dx||_2 per sample: v <- J^T J v / ||J^T J v|| for `iters` steps, then ||J v||; (B,)."""
+    x = x.detach().to(device_of(denoiser, x.device))
+    sigma = as_sigma(sigma, x).detach()
+
+    def f(inp: Tensor) -> Tensor:
+        return denoiser(inp, sigma)
+
+    v = _start_vector(x, generator)
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        out = f(xg)
+        for _ in range(iters):
+            u = _jvp(f, x, v).to(out.dtype)
+            v = _normalise(torch.autograd.grad(out, xg, u, retain_graph=True)[0].detach())
+    return _norms(_jvp(f, x, v)).reshape(-1)
+
+
+def empirical_jacobian_norm(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tensor | float, iters: int = 20,
+                            generator: torch.Generator | None = None) -> Tensor:
+    """||dD*/dx||_2 = largest eigenvalue of Cov_w(x_i) / (sigma^2 T): power iteration v <- J v / ||J v||; (B,)."""
+    x = x.detach().to(empirical.points.device)
+    sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else sigma
+    v = _start_vector(x, generator)
+    with torch.no_grad():
+        for _ in range(iters):
+            v = _normalise(empirical.jvp(x, sigma, v))
+        return _norms(empirical.jvp(x, sigma, v)).reshape(-1)
+
+
+def step_expansion(denoiser: Denoiser, x: Tensor, s_cur: float, s_next: float, eps: float = 1e-3,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """||Phi(x + delta) - Phi(x)|| / ||delta||, Phi one Heun step s_cur -> s_next, ||delta|| = eps ||x||; (B,)."""
+    x = x.detach().to(device_of(denoiser, x.device))
+    size = _norms(x)
+    size = torch.where(size > TINY, size, torch.full_like(size, float(x[0].numel()) ** 0.5))
+    delta = _start_vector(x, generator) * (eps * size)
+    with torch.no_grad():
+        s_cur, s_next = float(s_cur), float(s_next)
+        diff = heun_step(denoiser, x + delta, s_cur, s_next) - heun_step(denoiser, x, s_cur, s_next)
+    return (_norms(diff) / _norms(delta)).reshape(-1)
+
+
+def jacobian_profile(model: Denoiser, empirical: EmpiricalDenoiser, x0: Tensor, sigmas: list[float],
+                     generator: torch.Generator, iters: int = 10) -> dict:
+    """Per sigma (x = x0 + sigma n): mean ||J_model||, mean ||J_emp||, their ratio, and mean Heun-step expansion
+    from sigma to the next smaller sigma of the list (to 0 after the smallest)."""
+    out = {"sigmas": [], "model": [], "empirical": [], "ratio": [], "step_expansion": []}
+    for sigma in sigmas:
+        sigma = float(sigma)
+        x = x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        m = float(model_jacobian_norm(model, x, sigma, iters, generator).double().mean())
+        e = float(empirical_jacobian_norm(empirical, x, sigma, iters, generator).double().mean())
+        s_next = max([float(s) for s in sigmas if float(s) < sigma], default=0.0)
+        out["sigmas"].append(sigma)
+        out["model"].append(m)
+        out["empirical"].append(e)
+        out["ratio"].append(m / e if e > 0 else None)
+        expansion = step_expansion(model, x, sigma, s_next, generator=generator)
+        out["step_expansion"].append(float(expansion.double().mean()))
+    return out

@@ -1,0 +1,69 @@
+"""Score-cosine deviation 1 - cos(D(x,s) - x, D*(x,s) - x) between a model and the empirical denoiser.
+
+D - x = sigma^2 * score, so this is the angle between the two scores.  Near 0 at small sigma means the model
+reproduces the empirical (memorizing) score.  A (near-)zero vector has no direction: cos = 1 if both are zero,
+else 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from memaudit.denoiser import Denoiser
+from memaudit.metrics import run_denoiser, summary
+from memaudit.sampling import Trajectory
+
+ZERO_TOL = 1e-6  # a vector is "zero" if its norm is <= ZERO_TOL * max(||x||, 1)
+
+
+def cosine_deviation(a: Tensor, b: Tensor, x: Tensor, tol: float = ZERO_TOL) -> Tensor:
+    """1 - <a, b> / (||a|| ||b||) per sample in float64, with the zero-vector convention above; (B,)."""
+    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
+    scale = tol * x.reshape(x.shape[0], -1).double().norm(dim=1).clamp_min(1.0).to(a.device)
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    za, zb = na <= scale, nb <= scale
+    cos = (a * b).sum(1) / (na * nb).clamp_min(torch.finfo(torch.float64).tiny)
+    cos = torch.where(za | zb, (za & zb).double(), cos.clamp(-1.0, 1.0))
+    return 1.0 - cos
+
+
+def score_cosine_deviation(model: Denoiser, empirical: Denoiser, x: Tensor, sigma: Tensor | float) -> Tensor:
+    """1 - cos(D(x,s) - x, D*(x,s) - x) per sample, flattened; (B,) float64."""
+    return cosine_deviation(run_denoiser(model, x, sigma) - x, run_denoiser(empirical, x, sigma) - x, x)
+
+
+def cosine_on_training_points(model: Denoiser, empirical: Denoiser, train: Tensor, sigmas: list[float], n: int,
+                              generator: torch.Generator, batch_size: int = 256) -> dict:
+    """Mean/std deviation over n random training images x0 at x = x0 + sigma * noise, for each sigma."""
+    pick = torch.randperm(train.shape[0], generator=generator)[:max(1, min(n, train.shape[0]))]
+    x0 = train[pick]
+    out = {"sigmas": [], "mean": [], "std": []}
+    for sigma in sigmas:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        x = x0 + float(sigma) * noise
+        dev = [score_cosine_deviation(model, empirical, x[s:s + batch_size], float(sigma)).cpu()
+               for s in range(0, x.shape[0], batch_size)]
+        _append(out, sigma, dev)
+    return out
+
+
+def cosine_on_trajectories(model: Denoiser, empirical: Denoiser, trajectories: list[Trajectory]) -> dict:
+    """Mean/std deviation per recorded step, using the recorded x and the model's recorded D(x) (model unused)."""
+    out = {"sigmas": [], "mean": [], "std": []}
+    if not trajectories:
+        return out
+    for step, sigma in enumerate(trajectories[0].sigmas):
+        dev = []
+        for t in trajectories:
+            x, d_model = t.xs[step], t.denoised[step].to(t.xs[step].device)
+            dev.append(cosine_deviation(d_model - x, run_denoiser(empirical, x, sigma) - x, x).cpu())
+        _append(out, sigma, dev)
+    return out
+
+
+def _append(out: dict, sigma: float, values: list[Tensor]) -> None:
+    mean, std = summary(values)
+    out["sigmas"].append(float(sigma))
+    out["mean"].append(mean)
+    out["std"].append(std)

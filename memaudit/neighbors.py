@@ -1,0 +1,62 @@
+"""Exact k-nearest-neighbour search over flattened images with faiss (IndexFlatL2, float32, CPU).
+
+Distances are plain L2 (not squared).  faiss computes ||q||^2 - 2 q.p + ||p||^2, which loses precision for
+near-duplicates, so the distances to the k neighbours it returns are recomputed directly as ||q - p||
+(bounded memory: one neighbour column at a time) and re-sorted; an exact duplicate therefore has distance 0.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+from memaudit.errors import UserError
+
+QUERY_FLOATS = 1 << 24  # at most ~64 MiB of float32 query rows per batch
+
+
+def _flat_numpy(x: Tensor) -> np.ndarray:
+    """(N, ...) tensor -> C-contiguous float32 numpy array (N, d) on the CPU."""
+    x = torch.as_tensor(x).detach()
+    return np.ascontiguousarray(x.reshape(x.shape[0], -1).to("cpu", torch.float32).numpy())
+
+
+class NeighborIndex:
+    """Exact L2 index over points (M, ...), flattened; search returns sorted (distances, indices) on the CPU."""
+
+    def __init__(self, points: Tensor):
+        if points.ndim < 2 or points.shape[0] == 0:
+            raise UserError("the neighbour index needs a non-empty set of points")
+        flat = _flat_numpy(points)
+        self.num_points, self.dim = flat.shape
+        self.index = faiss.IndexFlatL2(self.dim)
+        self.index.add(flat)
+
+    def search(self, queries: Tensor, k: int, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """k nearest points per query: d_j = ||q - p_(j)|| ascending, shapes (N, k) float32 and (N, k) long."""
+        if not 1 <= k <= self.num_points:
+            raise UserError(f"cannot find {k} nearest neighbours among {self.num_points} points")
+        flat = _flat_numpy(queries)
+        if flat.shape[1] != self.dim:
+            raise UserError(f"query dimension {flat.shape[1]} does not match the indexed points' {self.dim}")
+        batch = batch_size or max(1, min(4096, QUERY_FLOATS // max(self.dim, 1)))
+        dists, idxs = [], []
+        for start in range(0, flat.shape[0], batch):
+            d, i = self._search_batch(flat[start:start + batch], k)
+            dists.append(d)
+            idxs.append(i)
+        if not dists:
+            return torch.empty((0, k)), torch.empty((0, k), dtype=torch.long)
+        return torch.from_numpy(np.concatenate(dists)), torch.from_numpy(np.concatenate(idxs))
+
+    def _search_batch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss search, then exact distances to the k candidates and a stable re-sort."""
+        _, idx = self.index.search(q, k)
+        dist = np.empty(idx.shape, dtype=np.float32)
+        for j in range(k):
+            diff = q - self.index.reconstruct_batch(idx[:, j])
+            dist[:, j] = np.sqrt(np.maximum(np.einsum("nd,nd->n", diff, diff, dtype=np.float64), 0.0))
+        order = np.argsort(dist, axis=1, kind="stable")
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1).astype(np.int64)

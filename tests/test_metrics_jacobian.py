@@ -1,0 +1,180 @@
+"""Jacobian spectral norms vs numpy SVD of full Jacobians; Heun-step expansion vs its closed form."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from memaudit.denoiser import Denoiser
+from memaudit.empirical import EmpiricalDenoiser
+from memaudit.metrics.jacobian import empirical_jacobian_norm, jacobian_profile, model_jacobian_norm, step_expansion
+
+SHAPE = (1, 2, 3)  # d = 6
+# torch.func scripts some of its own helpers on first use, which warns on torch >= 2.9
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+# singular values with clear gaps so a few dozen power iterations converge to machine precision
+SPECTRUM = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25, 0.1], dtype=torch.float64)
+
+
+class MLPDenoiser(Denoiser):
+    """D(x, s) = A x / (1 + s^2) + MLP([x, log s]): nonlinear, sigma-dependent, per-sample independent."""
+
+    image_shape = SHAPE
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+        self.register_buffer("a", q @ torch.diag(SPECTRUM) @ q.T)
+        self.net = nn.Sequential(nn.Linear(7, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+
+    def denoise(self, x, sigma):
+        flat = x.reshape(x.shape[0], -1)
+        h = torch.cat([flat, sigma.log().reshape(-1, 1)], 1)
+        lin = (flat @ self.a.T) / (1 + sigma.reshape(-1, 1) ** 2)
+        return (lin + 0.3 * self.net(h)).reshape(x.shape)
+
+
+class AttentionDenoiser(Denoiser):
+    """Self-attention over the 6 pixels (scaled_dot_product_attention has no forward-AD on CPU kernels)."""
+
+    image_shape = SHAPE
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.qkv = nn.Linear(1, 12).double()
+
+    def denoise(self, x, sigma):
+        tokens = x.reshape(x.shape[0], 1, 6, 1)
+        q, k, v = self.qkv(tokens).split(4, dim=-1)
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return (x.reshape(x.shape[0], 6) @ torch.diag(SPECTRUM) + att.sum(-1).reshape(-1, 6)).reshape(x.shape)
+
+
+class Square(torch.autograd.Function):
+    """x^2 with a backward but no forward-AD rule (forces the finite-difference J v)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class CustomOpDenoiser(MLPDenoiser):
+    def denoise(self, x, sigma):
+        return super().denoise(x, sigma) + 0.1 * Square.apply(x)
+
+
+class Linear(Denoiser):
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def denoise(self, x, sigma):
+        return self.a * x
+
+
+def full_jacobian_norm(fn, x, sigma):
+    """Spectral norm of each sample's d x d Jacobian from torch.autograd.functional.jacobian + numpy."""
+    out = []
+    for xi in x:
+        jac = torch.autograd.functional.jacobian(lambda v: fn(v.reshape(1, *SHAPE), sigma).reshape(-1), xi.reshape(-1))
+        out.append(np.linalg.norm(jac.detach().numpy(), 2))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 1.0, 10.0])
+def test_model_norm_matches_svd(sigma):
+    model = MLPDenoiser().eval()
+    x = torch.randn(4, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    est = model_jacobian_norm(model, x, sigma, iters=40, generator=torch.Generator().manual_seed(2))
+    np.testing.assert_allclose(est.numpy(), full_jacobian_norm(model, x, sigma), rtol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+
+
+@pytest.mark.parametrize("cls,rtol", [(AttentionDenoiser, 1e-6), (CustomOpDenoiser, 1e-4)])
+def test_model_norm_without_forward_ad_kernels(cls, rtol):
+    model = cls().eval()
+    x = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    est = model_jacobian_norm(model, x, 0.3, iters=40)
+    np.testing.assert_allclose(est.numpy(), full_jacobian_norm(model, x, 0.3), rtol=rtol)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_model_norm_is_per_sample():
+    model = MLPDenoiser(seed=3).eval()
+    x = torch.randn(5, *SHAPE, dtype=torch.float64)
+    batch = model_jacobian_norm(model, x, 0.5, iters=40)
+    single = torch.cat([model_jacobian_norm(model, x[i:i + 1], 0.5, iters=40) for i in range(5)])
+    assert torch.allclose(batch, single, rtol=1e-6)
+    with torch.no_grad():  # also works when the caller has autograd off
+        assert torch.allclose(model_jacobian_norm(model, x, 0.5, iters=40), batch, rtol=1e-6)
+
+
+def anisotropic_train(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 6, dtype=torch.float64, generator=g) * SPECTRUM).reshape(n, *SHAPE), g
+
+
+@pytest.mark.parametrize("temperature,k", [(1.0, None), (2.0, None), (1.0, 8)])
+def test_empirical_norm_matches_eigenvalues(temperature, k):
+    train, g = anisotropic_train(30, 0)
+    emp = EmpiricalDenoiser(train.float(), temperature=temperature, k=k, chunk_size=7)
+    x = (train[:5] + 3.0 * torch.randn(5, *SHAPE, dtype=torch.float64, generator=g)).float()
+    est = empirical_jacobian_norm(emp, x, 3.0, iters=100, generator=g)
+    ref = np.linalg.eigvalsh(emp.jacobian(x, 3.0).double().numpy())[:, -1]
+    np.testing.assert_allclose(est.numpy(), ref, rtol=1e-4)
+    if k is None:  # independent check of the analytic Jacobian with autograd
+        np.testing.assert_allclose(est.numpy(), full_jacobian_norm(emp, x, 3.0), rtol=1e-3)
+
+
+def test_model_and_empirical_agree_on_the_empirical_denoiser():
+    train, g = anisotropic_train(20, 0)
+    emp = EmpiricalDenoiser(train)
+    x = train[:4] + 3.0 * torch.randn(4, *SHAPE, dtype=torch.float64, generator=g)
+    a = model_jacobian_norm(emp, x, 3.0, iters=40, generator=g)
+    b = empirical_jacobian_norm(emp, x, 3.0, iters=80, generator=g)
+    ref = np.linalg.eigvalsh(emp.jacobian(x, 3.0).numpy())[:, -1]
+    np.testing.assert_allclose(a.numpy(), ref, rtol=1e-8)
+    np.testing.assert_allclose(b.numpy(), ref, rtol=1e-8)
+
+
+def heun_factor(a, s, s_next):
+    """Closed form of one Heun step for D(x) = a x: x' = c x."""
+    h = s_next - s
+    if s_next == 0:
+        return 1 + h * (1 - a) / s
+    euler = 1 + h * (1 - a) / s
+    return 1 + 0.5 * h * (1 - a) * (1 / s + euler / s_next)
+
+
+@pytest.mark.parametrize("a,s,s_next", [(0.5, 2.0, 1.0), (0.9, 1.0, 0.2), (0.0, 0.5, 0.1), (1.5, 3.0, 2.5),
+                                        (0.3, 0.7, 0.0)])
+def test_step_expansion_linear_closed_form(a, s, s_next):
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x[0] = 0  # zero input: delta falls back to eps * sqrt(d)
+    est = step_expansion(Linear(a), x, s, s_next, generator=torch.Generator().manual_seed(7))
+    np.testing.assert_allclose(est.numpy(), abs(heun_factor(a, s, s_next)), rtol=1e-9)
+
+
+def test_profile():
+    train, g = anisotropic_train(25, 0)
+    emp = EmpiricalDenoiser(train)
+    sigmas = [6.0, 3.0, 1.0]
+    out = jacobian_profile(emp, emp, train[:4], sigmas, g, iters=30)
+    assert out["sigmas"] == sigmas
+    assert all(len(out[key]) == 3 for key in ("model", "empirical", "ratio", "step_expansion"))
+    np.testing.assert_allclose(out["ratio"], 1.0, rtol=1e-3)
+    assert all(v >= 0 for v in out["step_expansion"])
+
+    lin = jacobian_profile(Linear(0.5), emp, train[:3], [1.0, 0.25], g, iters=5)
+    np.testing.assert_allclose(lin["model"], 0.5, rtol=1e-5)
+    np.testing.assert_allclose(lin["step_expansion"], [abs(heun_factor(0.5, 1.0, 0.25)), 0.5], rtol=1e-3)
+    np.testing.assert_allclose(np.array(lin["model"]) / np.array(lin["empirical"]), lin["ratio"])
