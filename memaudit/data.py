@@ -120,6 +120,8 @@ def array_to_images(array: np.ndarray, resize: Optional[int] = None, channels: O
     nchw = _to_nchw(array, name)
     if nchw.shape[0] == 0:
         raise UserError(f"{name} holds no images")
+    if min(nchw.shape[2:]) == 0:
+        raise UserError(f"{name}: images have zero size {nchw.shape[2]}x{nchw.shape[3]}")
     values = _to_unit_range(nchw, name)
     images = _to_tensor(values)
     if channels is not None and images.shape[1] != channels:
