@@ -85,6 +85,7 @@ SKIPPABLE = ("entropy", "cosine", "jacobian", "fid")
 class ScanResult:
     report: dict
     samples: dict[str, Tensor]
+    workdir: Optional[Path] = None  # where the resumable samples were kept (safe to delete now)
 
 
 def metric_sigmas(model: Denoiser, count: int, lo: float = 0.01, hi: float = 10.0) -> list[float]:
@@ -104,9 +105,9 @@ def data_fingerprint(train: Tensor) -> str:
 class SampleStore:
     """Per-sampler sampling state in a work folder, tagged with a fingerprint of everything that shapes it."""
 
-    def __init__(self, folder: Optional[Path], fingerprint: dict):
-        self.folder = Path(folder) if folder is not None else None
+    def __init__(self, root: Optional[Path], fingerprint: dict):
         self.tag = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+        self.folder = Path(root) / f"scan-{self.tag}" if root is not None else None
 
     def path(self, sampler: str) -> Path:
         return self.folder / f"samples-{sampler}.pt"
@@ -183,7 +184,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     sections = global_metrics(model, empirical, train_dev, all_samples, config, task)
     report = build_report(model=model_info, data=data_info, settings=config.settings(), runs=runs,
                           gates=gates, **sections)
-    return ScanResult(report, all_samples)
+    return ScanResult(report, all_samples, store.folder)
 
 
 def global_metrics(model: Denoiser, empirical: EmpiricalDenoiser, train: Tensor, samples: dict[str, Tensor],

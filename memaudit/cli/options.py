@@ -32,3 +32,38 @@ def resolve_device(name: str) -> torch.device:
 def positive(value: Optional[float], name: str) -> None:
     if value is not None and not value > 0:
         raise UserError(f"{name} must be > 0, not {value}")
+
+
+# Checkpoint loader options shared by `scan` and `smooth` (see memaudit.models.load.load_model).
+PARAM = typer.Option(None, "--param", help="Network output: eps, x0, v, score or edm (TorchScript/state dicts).")
+SCHEDULE = typer.Option(None, "--schedule", help="Noise schedule: vp-linear, vp-cosine, ve or edm.")
+FACTORY = typer.Option(None, "--factory", help="package.module:function (or file.py:function) building the network "
+                                               "for a state dict.")
+TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module (runs code from the "
+                                                          "file: only for files you trust).")
+SIGMA_MIN = typer.Option(None, "--sigma-min", help="Override the model's smallest valid sigma.")
+SIGMA_MAX = typer.Option(None, "--sigma-max", help="Override the model's largest valid sigma.")
+ROUND_TIMESTEPS = typer.Option(False, "--round-timesteps", help="Feed VP models integer timesteps.")
+
+
+def load_checked_model(spec: str, train, device, *, param=None, schedule=None, factory=None, trust_pickle=False,
+                       sigma_min=None, sigma_max=None, round_timesteps=False):
+    """Load MODEL with the loader options and check one forward pass on the training images' shape."""
+    from memaudit.models.load import check_model_on_data, load_model
+
+    positive(sigma_min, "--sigma-min")
+    positive(sigma_max, "--sigma-max")
+    model = load_model(spec, device=device, param=param, schedule=schedule, factory=factory,
+                       trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
+                       round_timesteps=round_timesteps, train=train)
+    check_model_on_data(model, tuple(train.shape[1:]))
+    return model
+
+
+def model_info(spec: str, model) -> dict:
+    """The report's "model" section."""
+    source = getattr(model, "source", None) or {}
+    kind = source.get("format") or ("empirical" if spec.startswith("empirical") else type(model).__name__)
+    shape = model.image_shape
+    return {"spec": spec, "kind": kind, "sigma_min": float(model.sigma_min), "sigma_max": float(model.sigma_max),
+            "image_shape": list(shape) if shape is not None else None}

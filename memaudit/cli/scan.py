@@ -1,0 +1,95 @@
+"""`memaudit scan MODEL DATA`: sample, measure memorization, print/write reports, gate CI (exit 0/1/2)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from memaudit.audit import SKIPPABLE, ScanConfig, run_scan
+from memaudit.cli.app import app
+from memaudit.cli import options as opt
+from memaudit.data import load_images
+from memaudit.errors import UserError
+from memaudit.gates import check_gate_metrics, exit_code, known_metrics, parse_gates
+from memaudit.progress import progress_tracker
+from memaudit.report import print_summary, write_html, write_json, write_junit
+
+
+def default_workdir() -> Path:
+    """Where interrupted scans keep their samples: $MEMAUDIT_CACHE or $XDG_CACHE_HOME/memaudit/scans."""
+    if os.environ.get("MEMAUDIT_CACHE"):
+        return Path(os.environ["MEMAUDIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "memaudit" / "scans"
+
+
+@app.command()
+def scan(
+    model: str = typer.Argument(..., help="Checkpoint (folder or file), or empirical[:T=..,k=..]."),
+    data: Path = typer.Argument(..., help="Training images: a folder, .npy or .npz."),
+    samples: int = typer.Option(256, "--samples", "-n", help="Samples per sampler."),
+    sampler: List[str] = typer.Option(["heun", "sde"], "--sampler", help="heun, euler, sde, edm-sde or ddpm; repeat for several."),
+    steps: int = typer.Option(18, "--steps", help="Sampler steps (Karras schedule)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Samples per batch."),
+    threshold: float = typer.Option(1 / 3, "--threshold", help="NN ratio d1/d2 below this = memorized."),
+    topk: int = typer.Option(16, "--topk", help="K for the top-K entropy of the empirical weights."),
+    features: Optional[str] = typer.Option(None, "--features", help="TorchScript feature extractor for NN distances."),
+    fid: str = typer.Option("auto", "--fid", help="auto, clean-fid, proxy or off."),
+    skip: List[str] = typer.Option([], "--skip", help=f"Skip a metric: {', '.join(SKIPPABLE)}."),
+    fail_on: List[str] = typer.Option([], "--fail-on", help="Gate, e.g. 'memorized_fraction>0.01': exit 1 if true."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write an HTML/Markdown report folder here."),
+    junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan from its saved samples."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for resumable samples (default: user cache)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training images."),
+    param: Optional[str] = opt.PARAM,
+    schedule: Optional[str] = opt.SCHEDULE,
+    factory: Optional[str] = opt.FACTORY,
+    trust_pickle: bool = opt.TRUST_PICKLE,
+    sigma_min: Optional[float] = opt.SIGMA_MIN,
+    sigma_max: Optional[float] = opt.SIGMA_MAX,
+    round_timesteps: bool = opt.ROUND_TIMESTEPS,
+    resize: Optional[int] = opt.RESIZE,
+    channels: Optional[int] = opt.CHANNELS,
+    seed: int = opt.SEED,
+    device: str = opt.DEVICE,
+    quiet: bool = opt.QUIET,
+) -> int:
+    """Audit MODEL for memorization of the training images DATA."""
+    gates = parse_gates(fail_on)
+    check_gate_metrics(gates, known_metrics(sampler))
+    config = ScanConfig(num_samples=samples, samplers=tuple(sampler), steps=steps, seed=seed, batch_size=batch_size,
+                        threshold=threshold, topk=topk, features=features, fid=fid, device=device, skip=tuple(skip))
+    config.validate()
+    dev = opt.resolve_device(device)
+    train = load_images(data, resize=resize, channels=channels, limit=limit)
+    if train.shape[0] < 2:
+        raise UserError(f"{data} holds {train.shape[0]} image; the NN ratio needs at least 2 training images")
+    denoiser = opt.load_checked_model(model, train.to(dev), dev, param=param, schedule=schedule, factory=factory,
+                                      trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
+                                      round_timesteps=round_timesteps)
+    data_info = {"path": str(data), "num_images": int(train.shape[0]), "image_shape": list(train.shape[1:])}
+    root = workdir or default_workdir()
+    with progress_tracker(quiet=quiet) as tracker:
+        result = run_scan(denoiser, train, config, model_info=opt.model_info(model, denoiser), data_info=data_info,
+                          gates=gates, task=tracker.task, workdir=root, resume=resume)
+    write_outputs(result, train, json_out, html_out, junit_out)
+    shutil.rmtree(result.workdir, ignore_errors=True)
+    print_summary(result.report, Console())
+    return exit_code(result.report["status"])
+
+
+def write_outputs(result, train, json_out: Optional[Path], html_out: Optional[Path], junit_out: Optional[Path]) -> None:
+    """Write the requested report files (each atomically)."""
+    if json_out is not None:
+        write_json(result.report, json_out)
+    if html_out is not None:
+        write_html(result.report, html_out, samples=result.samples, train=train)
+    if junit_out is not None:
+        write_junit(result.report, junit_out)

@@ -1,0 +1,67 @@
+"""`memaudit scan` end to end: reports, gates and exit codes (0 pass, 1 gate failed, 2 bad input)."""
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from cli_helpers import run_cli
+
+MODEL, DATA = "examples/models/digits32", "examples/digits/digits32.npz"
+FAST = ["--samples", "16", "--steps", "8", "--sampler", "heun", "--skip", "jacobian", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMAUDIT_CACHE", str(tmp_path / "cache"))
+
+
+def test_reports_and_failing_gate(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "scan", MODEL, DATA, *FAST, "--json", tmp_path / "r.json",
+                             "--html", tmp_path / "html", "--junit", tmp_path / "j.xml",
+                             "--fail-on", "memorized_fraction>0.5", "--fail-on", "fid_proxy>1000")
+    assert code == 1, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["schema"] == "memaudit.scan/1" and report["status"] == "fail"
+    assert [g["passed"] for g in report["gates"]] == [False, True]
+    assert report["summary"]["memorized_fraction"] > 0.5
+    assert "FAIL" in out and "memorized" in out
+    suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
+    assert suite.get("failures") == "1" and suite.get("tests") == "2"
+    assert (tmp_path / "html" / "index.html").read_text().count("<svg") >= 2
+    assert (tmp_path / "html" / "worst_heun.png").is_file()
+
+
+def test_passing_gate_exits_zero(capsys):
+    code, out, err = run_cli(capsys, "scan", "examples/models/digits-all", "examples/digits/digits.npz", *FAST,
+                             "--fail-on", "memorized_fraction>0.5")
+    assert code == 0, err
+    assert "PASS" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["scan", MODEL, "missing.npz"], "data not found"),
+    (["scan", "no/such/model", DATA], "not found"),
+    (["scan", MODEL, DATA, "--fail-on", "memorized_fraction>>1"], "gate"),
+    (["scan", MODEL, DATA, "--fail-on", "nonsense_metric>1"], "unknown metric"),
+    (["scan", MODEL, DATA, "--sampler", "magic"], "sampler"),
+    (["scan", MODEL, DATA, "--samples", "0"], "--samples"),
+    (["scan", MODEL, DATA, "--sigma-min", "500", "--sigma-max", "600", *FAST], "sigma"),
+    (["scan", MODEL, "examples/digits/digits.npz", "--resize", "16", *FAST], "shape mismatch"),
+    (["scan", MODEL, DATA, "--device", "cuda"], "cuda"),
+    (["scan", MODEL, DATA, "--no-such-option"], "No such option"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert message.lower() in err.lower()
+
+
+def test_console_script_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "memaudit", "scan", "empirical", DATA, *FAST,
+                           "--json", str(tmp_path / "e.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["summary"]["memorized_fraction"] == 1.0
