@@ -21,7 +21,7 @@ from memaudit.denoiser import Denoiser
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.errors import UserError
 from memaudit.metrics.entropy import trajectory_entropy
-from memaudit.metrics.fid import compute_fid
+from memaudit.metrics.fid import compute_fid, inception_feature_extractor
 from memaudit.metrics.jacobian import jacobian_profile
 from memaudit.metrics.nn_ratio import load_feature_extractor, nn_ratios
 from memaudit.metrics.score_cosine import cosine_on_training_points, cosine_on_trajectories
@@ -162,6 +162,15 @@ def run_metrics(model: Denoiser, empirical: EmpiricalDenoiser, train: Tensor, sa
     return run
 
 
+def feature_extractor(name: Optional[str], device: torch.device, image_shape: tuple):
+    """None (pixel space), clean-fid's Inception ("inception") or a TorchScript extractor at a path."""
+    if not name or name == "pixels":
+        return None
+    if name == "inception":
+        return inception_feature_extractor(device)
+    return load_feature_extractor(name, device, image_shape)
+
+
 def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: dict, data_info: dict,
              gates: Sequence = (), task: Optional[TaskFactory] = None, workdir: Optional[Path] = None,
              resume: bool = False) -> ScanResult:
@@ -171,7 +180,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     device = torch.device(config.device)
     train_dev = train.to(device)
     empirical = EmpiricalDenoiser(train_dev)
-    features = load_feature_extractor(config.features, device, tuple(train.shape[1:])) if config.features else None
+    features = feature_extractor(config.features, device, tuple(train.shape[1:]))
     store = SampleStore(workdir, {"settings": config.settings(), "model": model_info,
                                   "data": data_fingerprint(train)})
     runs, all_samples = {}, {}

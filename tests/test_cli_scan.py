@@ -65,3 +65,13 @@ def test_console_script_runs(tmp_path):
                            "--json", str(tmp_path / "e.json")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "e.json").read_text())["summary"]["memorized_fraction"] == 1.0
+
+
+def test_inception_features_without_clean_fid_is_a_clear_error(capsys):
+    pytest.importorskip("torch")
+    from memaudit.metrics.fid import cleanfid_available
+
+    if cleanfid_available():
+        pytest.skip("clean-fid is installed here")
+    code, _, err = run_cli(capsys, "scan", MODEL, DATA, *FAST, "--features", "inception")
+    assert code == 2 and "clean-fid" in err and len(err.splitlines()) == 1

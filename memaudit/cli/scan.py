@@ -38,7 +38,7 @@ def scan(
     batch_size: int = typer.Option(128, "--batch-size", help="Samples per batch."),
     threshold: float = typer.Option(1 / 3, "--threshold", help="NN ratio d1/d2 below this = memorized."),
     topk: int = typer.Option(16, "--topk", help="K for the top-K entropy of the empirical weights."),
-    features: Optional[str] = typer.Option(None, "--features", help="TorchScript feature extractor for NN distances."),
+    features: Optional[str] = typer.Option(None, "--features", help="NN distances in a feature space: a TorchScript extractor path, or inception (clean-fid)."),
     fid: str = typer.Option("auto", "--fid", help="auto, clean-fid, proxy or off."),
     skip: List[str] = typer.Option([], "--skip", help=f"Skip a metric: {', '.join(SKIPPABLE)}."),
     fail_on: List[str] = typer.Option([], "--fail-on", help="Gate, e.g. 'memorized_fraction>0.01': exit 1 if true."),

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -190,3 +190,29 @@ def compute_fid(samples: Tensor, train: Tensor, device, mode: str = "auto") -> l
     if mode in ("auto", "proxy"):
         results.append(proxy_result(samples, train))
     return results
+
+
+def inception_feature_extractor(device) -> Callable[[Tensor], Tensor]:
+    """clean-fid's Inception pool3 features (B, 2048) for images in [-1, 1], resized the clean-fid way.
+
+    UserError when clean-fid cannot be imported or its weights are not already on disk (no download).
+    """
+    fid = _import_cleanfid()
+    if fid is None:
+        raise UserError("--features inception needs clean-fid (pip install 'memaudit[fid]')")
+    weights = inception_cache_path()
+    if not weights.is_file():
+        raise UserError(f"--features inception needs clean-fid's Inception weights at {weights}")
+    from cleanfid.features import build_feature_extractor
+    from cleanfid.resize import build_resizer
+
+    model = build_feature_extractor("clean", device=torch.device(device))
+    resize = build_resizer("clean")
+
+    def features(x: Tensor) -> Tensor:
+        arrays = [resize(np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a) for a in to_uint8(x)]
+        batch = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)).float().to(device)
+        with torch.no_grad():
+            return model(batch).detach().float().cpu().reshape(x.shape[0], -1)
+
+    return features
