@@ -50,7 +50,7 @@ class EmpiricalDenoiser(Denoiser):
         self.chunk_size = int(chunk_size)
         flat = train.reshape(train.shape[0], -1).contiguous()
         self.register_buffer("points", flat, persistent=False)
-        self.register_buffer("sq_norms", (flat * flat).sum(1), persistent=False)
+        self.register_buffer("neg_sq_norms", -(flat * flat).sum(1), persistent=False)
         self.sigma_min, self.sigma_max = 0.002, 80.0
 
     @classmethod
@@ -70,8 +70,7 @@ class EmpiricalDenoiser(Denoiser):
 
     def chunk_logits(self, xf: Tensor, start: int, stop: int, inv: Tensor) -> Tensor:
         """Logits -(||x_i||^2 - 2 x.x_i) / (2 sigma^2 T) for training rows start:stop, shape (B, stop-start)."""
-        pts = self.points[start:stop]
-        return (2.0 * (xf @ pts.T) - self.sq_norms[start:stop]) * inv
+        return torch.addmm(self.neg_sq_norms[start:stop], xf, self.points[start:stop].T, alpha=2.0) * inv
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
@@ -87,17 +86,25 @@ class EmpiricalDenoiser(Denoiser):
         run_sum = torch.zeros_like(run_max)
         acc = torch.zeros_like(xf)
         acc_v = torch.zeros_like(xf) if v is not None else None
+        inplace = not (torch.is_grad_enabled() and xf.requires_grad)  # in-place updates break autograd
         for start in range(0, self.num_points, self.chunk_size):
             stop = min(start + self.chunk_size, self.num_points)
             logits = self.chunk_logits(xf, start, stop, inv)
             new_max = torch.maximum(run_max, logits.amax(1, keepdim=True))
             rescale = torch.exp(run_max - new_max)
-            e = torch.exp(logits - new_max)
             pts = self.points[start:stop]
-            run_sum = run_sum * rescale + e.sum(1, keepdim=True)
-            acc = acc * rescale + e @ pts
-            if v is not None:
-                acc_v = acc_v * rescale + (e * (v @ pts.T)) @ pts
+            if inplace:
+                e = logits.sub_(new_max).exp_()
+                run_sum.mul_(rescale).add_(e.sum(1, keepdim=True))
+                acc.mul_(rescale).addmm_(e, pts)
+                if v is not None:
+                    acc_v.mul_(rescale).addmm_(e * (v @ pts.T), pts)
+            else:
+                e = torch.exp(logits - new_max)
+                run_sum = run_sum * rescale + e.sum(1, keepdim=True)
+                acc = torch.addmm(acc * rescale, e, pts)
+                if v is not None:
+                    acc_v = torch.addmm(acc_v * rescale, e * (v @ pts.T), pts)
             run_max = new_max
         return acc / run_sum, (acc_v / run_sum if v is not None else None)
 
