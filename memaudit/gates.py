@@ -108,7 +108,8 @@ def check_gate_metrics(gates: Iterable[Gate], known: Iterable[str]) -> None:
             )
 
 
-def _as_value(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
+    """float(value) if it is a finite number, else None (JSON null)."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -128,7 +129,7 @@ def evaluate_gates(gates: Sequence[Gate | str], summary: Mapping[str, Any]) -> l
     check_gate_metrics(parsed, summary.keys())
     results = []
     for gate in parsed:
-        value = _as_value(summary[gate.metric])
+        value = finite_or_none(summary[gate.metric])
         if value is None:
             passed = False
             reason = f"{gate.metric} is unavailable (not computed in this scan), so the gate fails"

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from memaudit import __version__
-from memaudit.gates import BASE_METRICS, Gate, evaluate_gates, gates_status, sampler_metric
+from memaudit.gates import BASE_METRICS, Gate, evaluate_gates, finite_or_none, gates_status, sampler_metric
 
 SCHEMA = "memaudit.scan/1"
 NN_RATIO_THRESHOLD = 1.0 / 3.0
@@ -27,17 +27,6 @@ FID_KINDS = ("clean-fid", "proxy")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-def finite_or_none(value: Any) -> Optional[float]:
-    """float(value) if it is a finite number, else None (JSON null)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
 
 def fmt(value: Any, digits: int = 4) -> str:
     """Short human-readable number ('n/a' for null / non-finite)."""
