@@ -11,7 +11,7 @@ from rich.console import Console
 from memaudit.cli.app import app
 from memaudit.cli.options import CHANNELS, DEVICE, QUIET, RESIZE, SEED, resolve_device
 from memaudit.data import load_images
-from memaudit.models.native import is_native, load_native, make_unet_denoiser
+from memaudit.models.native import is_native, make_unet_denoiser
 from memaudit.progress import progress_tracker
 from memaudit.training import TrainConfig, fit
 
