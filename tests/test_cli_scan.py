@@ -75,3 +75,26 @@ def test_inception_features_without_clean_fid_is_a_clear_error(capsys):
         pytest.skip("clean-fid is installed here")
     code, _, err = run_cli(capsys, "scan", MODEL, DATA, *FAST, "--features", "inception")
     assert code == 2 and "clean-fid" in err and len(err.splitlines()) == 1
+
+
+def test_torchscript_export_scans_like_the_native_checkpoint(tmp_path, capsys):
+    """The bundled UNet exported as TorchScript (--param edm --schedule edm) gives the same report numbers."""
+    import torch
+
+    from memaudit.models.native import load_native
+
+    net = load_native(MODEL).net
+    scripted = torch.jit.trace(net, (torch.zeros(2, 1, 8, 8), torch.zeros(2)))
+    torch.jit.save(scripted, str(tmp_path / "unet.pt"))
+    code, _, err = run_cli(capsys, "scan", MODEL, DATA, *FAST, "--json", tmp_path / "native.json")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "scan", tmp_path / "unet.pt", DATA, *FAST, "--json", tmp_path / "ts.json",
+                           "--param", "edm", "--schedule", "edm")
+    assert code == 0, err
+    native = json.loads((tmp_path / "native.json").read_text())
+    ts = json.loads((tmp_path / "ts.json").read_text())
+    assert ts["model"]["kind"] == "torchscript"
+    assert ts["summary"]["memorized_fraction"] == native["summary"]["memorized_fraction"]
+    assert ts["summary"]["mean_nn_ratio"] == pytest.approx(native["summary"]["mean_nn_ratio"], rel=1e-4)
+    code, _, err = run_cli(capsys, "scan", tmp_path / "unet.pt", DATA, *FAST)
+    assert code == 2 and "--param" in err

@@ -57,6 +57,8 @@ def load_checked_model(spec: str, train, device, *, param=None, schedule=None, f
                        trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                        round_timesteps=round_timesteps, train=train)
     check_model_on_data(model, tuple(train.shape[1:]))
+    if model.image_shape is None:  # TorchScript / state-dict networks take the data's shape
+        model.image_shape = tuple(train.shape[1:])
     return model
 
 
