@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -23,6 +24,48 @@ def _default_mode(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _reason(exc: OSError) -> str:
+    """Why a write failed, in a few words ("disk full" for ENOSPC)."""
+    if exc.errno == errno.ENOSPC:
+        return "disk full (no space left on device)"
+    return exc.strerror or str(exc)
+
+
+def _make_parent(target: Path) -> Path:
+    """Create the folder `target` goes into; UserError naming the culprit when a path component is a file."""
+    parent = target.parent if str(target.parent) else Path(".")
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"cannot write {target}: {folder} is a file, not a folder")
+            break
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {_reason(exc)}") from None
+    return parent
+
+
+def check_writable(target: str | os.PathLike, folder: bool = False) -> None:
+    """Fail early (UserError) when `target` (a file, or a folder with folder=True) clearly cannot be written.
+
+    Checks that no path component is a file, that the kind matches an existing target, and that the nearest
+    existing folder is writable. Creates nothing; the write itself may still fail (e.g. disk full).
+    """
+    target = Path(target)
+    if target.exists() and target.is_dir() != folder:
+        what = "a folder; give a file name" if target.is_dir() else "a file, not a folder"
+        raise UserError(f"cannot write {target}: it is {what}")
+    parent = target.parent if str(target.parent) else Path(".")
+    for existing in (parent, *parent.parents):
+        if existing.exists():
+            break
+    if not existing.is_dir():
+        raise UserError(f"cannot write {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {target}: permission denied in {existing}")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside `target`; on success it is renamed onto `target`.
@@ -30,13 +73,14 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     On any error the temporary file is removed and `target` is left exactly as it was.
     """
     target = Path(target)
-    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise UserError(f"cannot write {target}: it is a folder; give a file name")
+    parent = _make_parent(target)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
     except OSError as exc:
-        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {target}: {_reason(exc)}") from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -44,7 +88,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, target)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {target}: {_reason(exc)}") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -69,12 +113,13 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     An existing `target` is moved aside first and deleted only after the new folder is in place.
     """
     target = Path(target)
-    parent = target.parent if str(target.parent) else Path(".")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"cannot write the folder {target}: it is a file")
+    parent = _make_parent(target)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     except OSError as exc:
-        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {target}: {_reason(exc)}") from None
     try:
         yield tmp
         _default_mode(tmp, is_dir=True)
@@ -84,12 +129,20 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         if target.exists():
             old = parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old, target)  # put the previous folder back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {target}: {_reason(exc)}") from None
+    except UserError as exc:  # from a nested atomic write: name the real folder, not the temporary one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(str(exc).replace(str(tmp), str(target))) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ Sampling progress is saved per batch in a work folder so an interrupted scan can
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -102,6 +103,19 @@ def data_fingerprint(train: Tensor) -> str:
     return hashlib.sha256(train.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def model_fingerprint(model: Denoiser) -> str:
+    """sha256 of the model's state dict (names, dtypes, shapes, bytes; first 16 hex digits).
+
+    It keys the work folder, so samples of a checkpoint retrained in place are never resumed.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class SampleStore:
     """Per-sampler sampling state in a work folder, tagged with a fingerprint of everything that shapes it."""
 
@@ -120,8 +134,10 @@ class SampleStore:
                    "trajectories": [{"sigmas": torch.tensor(t.sigmas, dtype=torch.float64),
                                      "xs": torch.stack(t.xs), "denoised": torch.stack(t.denoised)}
                                     for t in state.trajectories]}
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         with atomic_path(self.path(sampler)) as tmp:
-            torch.save(payload, tmp)
+            tmp.write_bytes(buffer.getvalue())  # a plain write: disk full is an OSError (torch.save's is not)
 
     def load(self, sampler: str) -> Optional[SamplingState]:
         """The saved state for this sampler, or None when there is none or it belongs to other settings."""
@@ -144,6 +160,8 @@ def sample_run(model: Denoiser, sampler: str, config: ScanConfig, store: SampleS
     advance = task(f"sample {sampler}", config.num_samples)
     if state is not None:
         advance(state.done, "resumed")
+    elif resume:
+        advance(0, "nothing saved for these settings; from the start")
     sampler_config = SamplerConfig(sampler=sampler, steps=config.steps)
     return sample(model, config.num_samples, sampler_config, seed=config.seed, batch_size=config.batch_size,
                   device=config.device, progress=advance, record=config.trajectory_samples, state=state,
@@ -182,6 +200,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     empirical = EmpiricalDenoiser(train_dev)
     features = feature_extractor(config.features, device, tuple(train.shape[1:]))
     store = SampleStore(workdir, {"settings": config.settings(), "model": model_info,
+                                  "weights": model_fingerprint(model) if workdir is not None else None,
                                   "data": data_fingerprint(train)})
     runs, all_samples = {}, {}
     for sampler in config.samplers:

@@ -33,6 +33,8 @@ def load_images(path: str | Path, resize: Optional[int] = None, channels: Option
         raise UserError(f"--channels must be 1 or 3, not {channels}")
     if resize is not None and resize < 1:
         raise UserError(f"--resize must be a positive side length, not {resize}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, not {limit}")
     if not path.exists():
         raise UserError(f"data not found: {path}")
     if path.is_dir():

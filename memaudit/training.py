@@ -19,7 +19,7 @@ from torch import Tensor
 
 from memaudit.errors import UserError
 from memaudit.models.adapters import NetworkDenoiser
-from memaudit.models.native import is_native, load_native, save_native
+from memaudit.models.native import check_output_folder, is_native, load_native, save_native
 
 STATE_NAME = "training_state.pt"
 # target(x0, x_noisy, sigma) -> the regression target for D(x_noisy, sigma)
@@ -49,6 +49,8 @@ class TrainConfig:
             raise UserError(f"--lr must be > 0, not {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema must be in [0, 1), not {self.ema_decay}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be >= 0 (0: only at the end), not {self.checkpoint_every}")
 
 
 def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
@@ -149,6 +151,7 @@ def fit(denoiser: NetworkDenoiser, data: Tensor, config: TrainConfig, out: Path,
     On KeyboardInterrupt the current state is saved to `out` before re-raising.
     """
     out = Path(out)
+    check_output_folder(out)  # before training, not after the first checkpoint interval
     trainer = Trainer(denoiser, data, config, target_fn)
     if resume:
         _resume(trainer, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import sys
 
 import typer
@@ -32,6 +33,23 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
     """Audit diffusion models for training-data memorization."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C in a command, carried past typer (which turns a KeyboardInterrupt into a silent exit 130)."""
+
+
+def _interruptible(func):
+    """Wrap a command so that a KeyboardInterrupt leaves it as Interrupted(its message or "interrupted")."""
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise Interrupted(str(exc) or "interrupted") from None
+
+    command.interruptible = True
+    return command
+
+
 def _register() -> None:
     from memaudit.cli import train  # noqa: F401  (each module adds its command to `app`)
     for name in ("scan", "smooth"):
@@ -40,6 +58,9 @@ def _register() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != f"memaudit.cli.{name}":
                 raise
+    for info in app.registered_commands:
+        if info.callback is not None and not getattr(info.callback, "interruptible", False):
+            info.callback = _interruptible(info.callback)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -59,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         result = app(args=argv, prog_name="memaudit", standalone_mode=False)
     except UserError as exc:
         fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+    except Interrupted as exc:
+        fail(str(exc).splitlines()[0], 130)
     except (KeyboardInterrupt, typer.Abort):
         fail("interrupted", 130)
     except typer.Exit as exc:

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from memaudit.atomic import check_writable
 from memaudit.audit import SKIPPABLE, ScanConfig, run_scan
 from memaudit.cli.app import app
 from memaudit.cli import options as opt
@@ -18,6 +19,7 @@ from memaudit.errors import UserError
 from memaudit.gates import check_gate_metrics, exit_code, known_metrics, parse_gates
 from memaudit.progress import progress_tracker
 from memaudit.report import print_summary, write_html, write_json, write_junit
+from memaudit.report.html import check_html_folder
 
 
 def default_workdir() -> Path:
@@ -67,6 +69,7 @@ def scan(
     config = ScanConfig(num_samples=samples, samplers=tuple(sampler), steps=steps, seed=seed, batch_size=batch_size,
                         threshold=threshold, topk=topk, features=features, fid=fid, device=device, skip=tuple(skip))
     config.validate()
+    check_outputs(json_out, html_out, junit_out)  # now, not after a long scan
     dev = opt.resolve_device(device)
     train = load_images(data, resize=resize, channels=channels, limit=limit)
     if train.shape[0] < 2:
@@ -75,14 +78,45 @@ def scan(
                                       trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                                       round_timesteps=round_timesteps)
     data_info = {"path": str(data), "num_images": int(train.shape[0]), "image_shape": list(train.shape[1:])}
-    root = workdir or default_workdir()
-    with progress_tracker(quiet=quiet) as tracker:
-        result = run_scan(denoiser, train, config, model_info=opt.model_info(model, denoiser), data_info=data_info,
-                          gates=gates, task=tracker.task, workdir=root, resume=resume)
+    root = work_folder(workdir, quiet)
+    try:
+        with progress_tracker(quiet=quiet) as tracker:
+            result = run_scan(denoiser, train, config, model_info=opt.model_info(model, denoiser),
+                              data_info=data_info, gates=gates, task=tracker.task, workdir=root, resume=resume)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("interrupted; the samples drawn so far are saved: run the same command with "
+                                "--resume to continue") from None
     write_outputs(result, train, json_out, html_out, junit_out)
-    shutil.rmtree(result.workdir, ignore_errors=True)
+    if result.workdir is not None:
+        shutil.rmtree(result.workdir, ignore_errors=True)  # only once every report is written
     print_summary(result.report, Console())
     return exit_code(result.report["status"])
+
+
+def work_folder(workdir: Optional[Path], quiet: bool) -> Optional[Path]:
+    """--workdir (checked now), else the default cache folder, or None (no resume) when that is not writable."""
+    if workdir is not None:
+        check_writable(workdir, folder=True)
+        return workdir
+    root = default_workdir()
+    try:
+        check_writable(root, folder=True)
+    except UserError as exc:
+        if not quiet:
+            Console(stderr=True).print(f"note: {exc}; this scan cannot be resumed if interrupted (set --workdir)",
+                                       markup=False, highlight=False)
+        return None
+    return root
+
+
+def check_outputs(json_out: Optional[Path], html_out: Optional[Path], junit_out: Optional[Path]) -> None:
+    """UserError now for report paths that clearly cannot be written (a file as folder, no permission)."""
+    for path in (json_out, junit_out):
+        if path is not None:
+            check_writable(path)
+    if html_out is not None:
+        check_html_folder(html_out)
+        check_writable(html_out, folder=True)
 
 
 def write_outputs(result, train, json_out: Optional[Path], html_out: Optional[Path], junit_out: Optional[Path]) -> None:

@@ -11,7 +11,8 @@ from rich.console import Console
 from memaudit.cli.app import app
 from memaudit.cli.options import CHANNELS, DEVICE, QUIET, RESIZE, SEED, resolve_device
 from memaudit.data import load_images
-from memaudit.models.native import is_native, make_unet_denoiser
+from memaudit.errors import UserError
+from memaudit.models.native import check_output_folder, is_native, make_unet_denoiser
 from memaudit.progress import progress_tracker
 from memaudit.training import TrainConfig, fit
 
@@ -27,7 +28,8 @@ def train(
     channels_base: int = typer.Option(32, "--width", help="UNet base channel count."),
     levels: int = typer.Option(2, "--levels", help="UNet resolution levels."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training images."),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every",
+                                         help="Save a resumable checkpoint every N steps (0: only at the end)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from --out."),
     resize: Optional[int] = RESIZE,
     channels: Optional[int] = CHANNELS,
@@ -41,13 +43,21 @@ def train(
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema, seed=seed,
                          checkpoint_every=checkpoint_every)
     config.validate()
-    if not resume and is_native(out) and not quiet:
-        Console(stderr=True).print(f"replacing the checkpoint in {out}")
+    for option, value in (("--width", channels_base), ("--levels", levels)):
+        if value < 1:
+            raise UserError(f"{option} must be >= 1, not {value}")
     model = make_unet_denoiser(tuple(images.shape[1:]), base_channels=channels_base,
                                channel_mult=tuple([1] + [2] * (levels - 1))).to(dev)
+    check_output_folder(out)
+    if not resume and is_native(out) and not quiet:
+        Console(stderr=True).print(f"replacing the checkpoint in {out}")
     history = [{"action": "train", "data": str(data), "num_images": int(images.shape[0]),
                 "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}]
-    with progress_tracker(quiet=quiet) as tracker:
-        fit(model, images, config, out, history, resume=resume, progress=tracker.task("train", steps))
+    try:
+        with progress_tracker(quiet=quiet) as tracker:
+            fit(model, images, config, out, history, resume=resume, progress=tracker.task("train", steps))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; progress is saved in {out}: run the same command with --resume "
+                                "to continue") from None
     if not quiet:
         Console(stderr=True).print(f"saved {out} ({steps} steps on {images.shape[0]} images)")

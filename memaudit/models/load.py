@@ -44,8 +44,27 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional
         denoiser = wrap_network(torchscript.load_torchscript(path, device), path, fmt, **options)
     else:
         denoiser = wrap_network(load_file_network(path, factory, trust_pickle), path, fmt, **options)
+    if fmt != "native" and (sigma_min is not None or sigma_max is not None):
+        check_timestep_range(denoiser.schedule, sigma_min, sigma_max)
     denoiser.source = {"format": fmt, "path": str(path)}
     return denoiser.to(device).eval()
+
+
+def check_within(sigma_min: Optional[float], sigma_max: Optional[float], lo: float, hi: float, what: str) -> None:
+    """UserError when a --sigma-min/--sigma-max override lies outside [lo, hi] (overrides may only narrow it)."""
+    for option, value in (("--sigma-min", sigma_min), ("--sigma-max", sigma_max)):
+        if value is not None and not lo * (1 - 1e-6) <= value <= hi * (1 + 1e-6):
+            raise UserError(f"{option} {value:g} is outside the sigma range [{lo:g}, {hi:g}] {what}; "
+                            "--sigma-min/--sigma-max can only narrow it")
+
+
+def check_timestep_range(schedule, sigma_min: Optional[float], sigma_max: Optional[float]) -> None:
+    """A VP (discrete-timestep) network cannot be queried beyond its first and last timestep's sigma."""
+    if getattr(schedule, "alphas_cumprod", None) is None:
+        return  # VE/EDM networks take any sigma: the override declares their range
+    sigmas = schedule.discrete_sigmas
+    check_within(sigma_min, sigma_max, float(sigmas[0]), float(sigmas[-1]),
+                 f"of the {schedule.kind} schedule's timesteps")
 
 
 def is_empirical_spec(spec: str) -> bool:
@@ -75,7 +94,30 @@ def detect_format(path: Path) -> str:
         return "torchscript"
     if statedict.is_safetensors(path):
         return "safetensors"
+    check_torch_file(path)
     return "torch"
+
+
+def check_torch_file(path: Path) -> None:
+    """UserError unless the file starts like a torch.save file: a zip archive or a binary pickle.
+
+    Text, JSON and other files are named as such, instead of being unpickled (and blamed on pickle safety).
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise UserError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return
+    if not head:
+        what = "the file is empty"
+    elif head.lstrip()[:1] in (b"{", b"["):
+        what = "it is a JSON file; for a config.json give the folder that holds it"
+    else:
+        what = "neither a zip archive nor a pickle"
+    raise UserError(f"{path}: not a readable torch checkpoint ({what}); MODEL is a checkpoint folder (memaudit or "
+                    "diffusers), a TorchScript or torch.save file, or a .safetensors state dict")
 
 
 def load_file_network(path: Path, factory: Optional[str], trust_pickle: bool) -> nn.Module:
@@ -112,6 +154,7 @@ def load_native_checked(path: Path, device: str | torch.device, *, factory: Opti
         if given is not None and given != recorded:
             raise UserError(f"{path} is a memaudit checkpoint trained with {option} {recorded}; drop {option} {given}")
     if sigma_min is not None or sigma_max is not None:
+        check_within(sigma_min, sigma_max, denoiser.sigma_min, denoiser.sigma_max, f"recorded in {path}")
         set_sigma_range(denoiser.schedule, sigma_min, sigma_max)
         denoiser.sigma_min, denoiser.sigma_max = denoiser.schedule.sigma_min, denoiser.schedule.sigma_max
     denoiser.schedule.round_timesteps = denoiser.schedule.round_timesteps or bool(round_timesteps)

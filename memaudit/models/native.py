@@ -9,7 +9,10 @@ is TorchScript read by torch.jit.load; a "factory" one runs only when the user n
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from memaudit.atomic import atomic_dir
+from memaudit.atomic import atomic_dir, check_writable
 from memaudit.errors import UserError
 from memaudit.models import diffusers_loader, statedict, torchscript
 from memaudit.models.adapters import NetworkDenoiser
@@ -98,19 +101,52 @@ def custom_alphas_cumprod(sched: Schedule) -> dict[str, Any]:
     return {"alphas_cumprod": abar.double().cpu().tolist()}
 
 
+def check_output_folder(folder: str | Path) -> None:
+    """UserError unless `folder` can become a checkpoint: new, empty, or a memaudit checkpoint already.
+
+    A checkpoint folder is replaced as a whole, so any other folder (a project, a home folder) is refused
+    rather than deleted; so is a file. Call it before a long training run, not only when saving.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"cannot write the checkpoint folder {folder}: it is a file")
+    if folder.is_dir() and not is_native(folder):
+        entries = sorted(p.name for p in folder.iterdir())
+        if entries:
+            raise UserError(f"refusing to replace {folder}: it is not a memaudit checkpoint (it holds e.g. "
+                            f"{entries[0]}); give a new or empty folder for the checkpoint")
+    check_writable(folder, folder=True)
+
+
 def save_native(denoiser: NetworkDenoiser, folder: str | Path, history: list[dict] | None = None,
                 extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write weights + config atomically into `folder` (replacing it as a whole only on success)."""
+    """Write weights + config atomically into `folder` (replacing it as a whole only on success).
+
+    Refuses (UserError) to replace a file or a non-empty folder that is not a memaudit checkpoint.
+    """
+    check_output_folder(folder)
     config = native_config(denoiser, history)
     state = {k: v.detach().to("cpu").contiguous() for k, v in denoiser.net.state_dict().items()}
     files = dict(getattr(denoiser.net, "native_files", {}) or {})
     files.update(extra_files or {})
     with atomic_dir(folder) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME))
+        try:
+            save_file(state, str(tmp / WEIGHTS_NAME))
+        except SafetensorError as exc:  # I/O errors, disk full included, come as SafetensorError
+            raise _as_os_error(exc) from None
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for name, data in files.items():
             (tmp / name).write_bytes(data)
     return Path(folder)
+
+
+def _as_os_error(exc: Exception) -> OSError:
+    """An OSError for a SafetensorError ("... (os error 28)" -> errno 28), so the atomic write reports it."""
+    match = re.search(r"os error (\d+)", str(exc))
+    if match:
+        code = int(match[1])
+        return OSError(code, os.strerror(code))
+    return OSError(errno.EIO, str(exc).splitlines()[0] if str(exc) else "write failed")
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:

@@ -202,7 +202,9 @@ def _safe_names(runs: Iterable[str]) -> dict[str, str]:
     return names
 
 
-def _check_folder(folder: Path) -> None:
+def check_html_folder(folder: str | os.PathLike) -> None:
+    """UserError unless `folder` can take the HTML report: new, empty, or holding only report files."""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cannot write the HTML report to {folder}: it is a file, not a folder")
     if folder.is_dir():
@@ -459,7 +461,7 @@ def write_html(report: Mapping[str, Any], folder: str | os.PathLike,
     folder is replaced atomically as a whole. Returns the path of index.html.
     """
     folder = Path(folder)
-    _check_folder(folder)
+    check_html_folder(folder)
     samples = samples or {}
     runs = report.get("runs") or {}
     names = _safe_names(runs)
