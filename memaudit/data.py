@@ -171,10 +171,23 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def digits_dataset(limit: Optional[int] = None) -> np.ndarray:
-    """scikit-learn's 8x8 handwritten digits (1,797 real images, shipped offline) as uint8 (N, 8, 8)."""
-    from sklearn.datasets import load_digits
+DIGITS_NPZ = Path(__file__).resolve().parents[1] / "examples" / "digits" / "digits.npz"
 
-    images = load_digits().images  # values 0..16
-    array = np.round(images * (255.0 / 16.0)).astype(np.uint8)
+
+def digits_dataset(limit: Optional[int] = None) -> np.ndarray:
+    """scikit-learn's 8x8 handwritten digits (1,797 real images, shipped offline) as uint8 (N, 8, 8).
+
+    Read from the repository's examples/digits/digits.npz (the same array), so scikit-learn is not a
+    dependency; without the repository it comes from scikit-learn, when installed.
+    """
+    if DIGITS_NPZ.is_file():
+        with np.load(DIGITS_NPZ, allow_pickle=False) as npz:
+            array = npz["images"]
+    else:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise UserError(f"the digits dataset needs {DIGITS_NPZ} (a memaudit checkout) or scikit-learn "
+                            "(pip install scikit-learn)") from None
+        array = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16
     return array[:limit] if limit is not None else array

@@ -335,6 +335,7 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any
         f"<title>memaudit scan: {esc(model.get('spec', ''))}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
         f"<h1>memaudit scan: {esc(model.get('spec', ''))}</h1>",
         f'<p><span class="status {"pass" if status == "pass" else "fail"}">{esc(str(status).upper())}</span> '
+        f"{'' if report.get('gates') else '(no gates) '}"
         f"schema <code>{esc(report.get('schema', ''))}</code>, memaudit {esc(report.get('memaudit_version', ''))}</p>",
         "<h2>Setup</h2>",
         _table(["", "value"], [
@@ -412,7 +413,8 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, Mapping[str,
     """report.md: status, per-sampler table, summary metrics, gates and the same images."""
     model, data = report.get("model", {}), report.get("data", {})
     lines = [f"# memaudit scan: {md(model.get('spec', ''))}", "",
-             f"**Status: {md(str(report.get('status', 'pass')).upper())}**", "",
+             f"**Status: {md(str(report.get('status', 'pass')).upper())}**"
+             f"{'' if report.get('gates') else ' (no gates)'}", "",
              f"Model {md(model.get('spec', ''))} ({md(model.get('kind', ''))}) on {md(data.get('path', ''))} "
              f"({md(data.get('num_images', ''))} images).", ""]
     runs = report.get("runs") or {}
