@@ -53,7 +53,9 @@ def load_images(path: str | Path, resize: Optional[int] = None, channels: Option
 def _load_folder(folder: Path, resize, channels, limit) -> Tensor:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise UserError(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        arrays = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".npy", ".npz"))
+        hint = f"; it holds arrays: pass one of them, e.g. {folder / arrays[0]}" if arrays else ""
+        raise UserError(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
     if limit is not None:
         files = files[:limit]
     return _stack_pil([_open_image(f) for f in files], resize, channels, files)

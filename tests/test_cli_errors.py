@@ -101,6 +101,7 @@ SCAN_CASES = [
     ("truncated png", ["{MODEL}", "{bad}/truncated"], ["cannot read image", "3.png"]),
     ("mixed sizes", ["{MODEL}", "{bad}/mixed"], ["different sizes", "--resize"]),
     ("data not found", ["{MODEL}", "{bad}/nope.npz"], ["data not found"]),
+    ("folder of arrays as data", ["{MODEL}", "{ROOT}/examples/digits"], ["no images found", "digits.npz"]),
     ("text file as model", ["{bad}/notes.txt", "{DATA}"], ["not a readable torch checkpoint"]),
     ("random bytes as model", ["{bad}/random.bin", "{DATA}"], ["not a readable torch checkpoint"]),
     ("json file as model", ["{bad}/model.json", "{DATA}"], ["json file", "folder that holds it"]),
@@ -109,11 +110,13 @@ SCAN_CASES = [
     ("other tool's folder", ["{bad}/other_tool", "{DATA}"], ["unknown model folder"]),
     ("image folder as model", ["{bad}/mixed", "{DATA}"], ["unknown model folder"]),
     ("model not found", ["{bad}/nope", "{DATA}"], ["model not found"]),
+    ("folder of checkpoints as model", ["{ROOT}/examples/models", "{DATA}"], ["holds memaudit checkpoints"]),
+    ("weights file of a checkpoint", ["{MODEL}/model.safetensors", "{DATA}"], ["pass the folder"]),
     ("state dict without --factory", ["{bad}/state.pt", "{DATA}"], ["--factory"]),
     ("malicious pickle", ["{bad}/evil.pt", "{DATA}"], ["refused to unpickle", "--trust-pickle"]),
     ("unknown option", ["{MODEL}", "{DATA}", "--no-such-option"], ["no such option"]),
     ("typo in option", ["{MODEL}", "{DATA}", "--sample", "8"], ["no such option"]),
-    ("missing argument", ["{MODEL}"], ["missing argument"]),
+    ("missing argument", ["{MODEL}"], ["missing argument 'DATA'"]),
     ("bad option value", ["{MODEL}", "{DATA}", "--samples", "many"], ["--samples"]),
     ("sigma-min below the model's range", ["{MODEL}", "{DATA}", "--sigma-min", "1e-5"],
      ["--sigma-min", "outside the sigma range [0.002, 80]"]),
@@ -145,7 +148,7 @@ SCAN_CASES = [
 
 
 def expand(args, bad):
-    return [a.format(MODEL=MODEL, DATA=DATA, bad=bad) for a in args]
+    return [a.format(MODEL=MODEL, DATA=DATA, bad=bad, ROOT=ROOT) for a in args]
 
 
 @pytest.mark.parametrize("name,args,fragments", SCAN_CASES, ids=[c[0] for c in SCAN_CASES])

@@ -32,8 +32,8 @@ def default_workdir() -> Path:
 
 @app.command()
 def scan(
-    model: str = typer.Argument(..., help="Checkpoint (folder or file), or empirical[:T=..,k=..]."),
-    data: Path = typer.Argument(..., help="Training images: a folder, .npy or .npz."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint (folder or file), or empirical[:T=..,k=..]."),
+    data: Path = typer.Argument(..., metavar="DATA", help="Training images: a folder, .npy or .npz."),
     samples: int = typer.Option(256, "--samples", "-n", help="Samples per sampler."),
     sampler: List[str] = typer.Option(["heun", "sde"], "--sampler", help="heun, euler, sde, edm-sde or ddpm; repeat for several."),
     steps: int = typer.Option(18, "--steps", help="Sampler steps (Karras schedule)."),

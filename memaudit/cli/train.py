@@ -19,7 +19,7 @@ from memaudit.training import TrainConfig, fit
 
 @app.command()
 def train(
-    data: Path = typer.Argument(..., help="Training images: a folder, .npy or .npz."),
+    data: Path = typer.Argument(..., metavar="DATA", help="Training images: a folder, .npy or .npz."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
     steps: int = typer.Option(2000, "--steps", help="Optimiser steps."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per step."),

@@ -88,8 +88,14 @@ def detect_format(path: Path) -> str:
             return "native"
         if diffusers_loader.is_diffusers(path):
             return "diffusers"
+        inside = sorted(p.name for p in path.iterdir() if p.is_dir() and native.is_native(p))
+        hint = f"; it holds memaudit checkpoints: pass one of them, e.g. {path / inside[0]}" if inside else ""
         raise UserError(f"{path}: unknown model folder: neither a memaudit checkpoint (config.json with "
-                        f"format {native.FORMAT!r}) nor a diffusers UNet folder (config.json with _class_name)")
+                        f"format {native.FORMAT!r}) nor a diffusers UNet folder (config.json with _class_name)"
+                        f"{hint}")
+    if path.name == native.WEIGHTS_NAME and native.is_native(path.parent):
+        raise UserError(f"{path} is the weights file of the memaudit checkpoint {path.parent}: pass the folder "
+                        f"{path.parent}")
     if torchscript.is_torchscript(path):
         return "torchscript"
     if statedict.is_safetensors(path):
