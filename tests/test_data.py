@@ -125,3 +125,10 @@ def test_property_any_array_loads_or_is_a_user_error(arr):
         return
     assert images.ndim == 4 and images.shape[1] in (1, 3)
     assert torch.isfinite(images).all() and images.abs().max() <= 1
+
+
+def test_bundled_digits_are_scikit_learns():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    expected = np.round(sklearn_datasets.load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    assert np.array_equal(digits_dataset(), expected)
+    assert np.array_equal(load_images("examples/digits/digits32.npz").numpy(), array_to_images(expected[:32]).numpy())
