@@ -150,7 +150,8 @@ def _to_unit_range(array: np.ndarray, name: str) -> np.ndarray:
     """Map values to [-1, 1] by the module's value conventions."""
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 127.5 - 1.0
-    values = array.astype(np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are rejected just below
+        values = array.astype(np.float32)
     if not np.isfinite(values).all():
         raise UserError(f"{name} contains NaN or infinite values")
     lo, hi = float(values.min()), float(values.max())
