@@ -49,8 +49,9 @@ def test_png_grid_sizes(written):
     worst = len(report["runs"]["heun"]["nn_ratio"]["worst"])
     assert worst == 16
     with Image.open(folder / "worst_heun.png") as img:
-        # 8x8 images upscaled 8x, 2 columns (sample | nearest), one row per pair, 2 px padding
-        assert img.size == (2 * 64 + 3 * 2, worst * 64 + (worst + 1) * 2)
+        # 8x8 images upscaled 8x, 4 pairs (sample | nearest) per row, 2 px padding
+        rows = -(-worst // 4)
+        assert img.size == (8 * 64 + 9 * 2, rows * 64 + (rows + 1) * 2)
     with Image.open(folder / "samples_sde.png") as img:
         cols = 6  # ceil(sqrt(32))
         rows = -(-NUM_SAMPLES // cols)

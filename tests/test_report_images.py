@@ -53,6 +53,17 @@ def test_pairs_grid_rows_are_sample_then_nearest(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["pairs.png"]
 
 
+def test_pairs_grid_several_pairs_per_row():
+    samples = torch.linspace(-1, 1, 5).view(5, 1, 1, 1).expand(5, 1, 8, 8).contiguous()
+    grid = pairs_grid(samples, samples * 0.5, [0, 1, 2, 3, 4], [4, 3, 2, 1, 0], padding=2, upscale=1, pairs_per_row=4)
+    assert grid.size == (8 * 8 + 9 * 2, 2 * 8 + 3 * 2)  # 4 pairs (8 images) across, 2 rows
+    a = np.asarray(grid)
+    assert a[2 + 4, 2 + 4] == 0  # sample 0 (value -1)
+    assert a[2 + 4, 12 + 4] == round((1 + 0.5) * 127.5)  # its pair: train 4 (value +0.5)
+    assert a[2 + 4, 22 + 4] == round((1 - 0.5) * 127.5)  # next pair starts with sample 1 (value -0.5)
+    assert a[12 + 4, 2 + 4] == 255  # second row starts with sample 4 (value +1)
+
+
 def test_pairs_grid_mixed_channels_and_errors():
     grid = pairs_grid(torch.zeros(2, 3, 8, 8), torch.zeros(3, 1, 8, 8), [0], [2], upscale=1)
     assert grid.mode == "RGB" and grid.size == (2 * 8 + 6, 8 + 4)

@@ -240,7 +240,7 @@ def _images_for_run(tmp: Path, fname: str, run: Mapping[str, Any], samples: Opti
                                  f"({len(samples)} samples, {len(train)} training images)")
         if pairs:
             grid = pairs_grid(samples, train, [p["index"] for p in pairs], [p["nearest"] for p in pairs],
-                              upscale=upscale)
+                              upscale=upscale, pairs_per_row=4)
             out["worst"] = f"worst_{fname}.png"
             out["pairs"] = pairs
             save_png(grid, tmp / out["worst"])
@@ -342,7 +342,8 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any
             ("model", f"{model.get('spec', '')} ({model.get('kind', '')}), sigma in "
                       f"[{fmt(model.get('sigma_min'))}, {fmt(model.get('sigma_max'))}], image shape {model.get('image_shape')}"),
             ("training data", f"{data.get('path', '')}: {data.get('num_images', '')} images of shape {data.get('image_shape')}"),
-        ] + [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in sorted(settings.items())]),
+        ] + [(k, ", ".join(map(str, v)) if isinstance(v, list) else fmt(v) if isinstance(v, float) else v)
+             for k, v in sorted(settings.items())]),
         "<h2>Summary</h2>",
     ]
     runs = report.get("runs") or {}

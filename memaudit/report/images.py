@@ -61,8 +61,8 @@ def _match_channels(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def pairs_grid(samples: Tensor, train: Tensor, sample_indices: Sequence[int], nearest_indices: Sequence[int],
-               padding: int = 2, upscale: int | None = None) -> Image.Image:
-    """One row per pair: samples[sample_indices[k]] | train[nearest_indices[k]].
+               padding: int = 2, upscale: int | None = None, pairs_per_row: int = 1) -> Image.Image:
+    """`pairs_per_row` pairs per row, each samples[sample_indices[k]] | train[nearest_indices[k]].
 
     Grayscale and RGB inputs are mixed by expanding grayscale to RGB. `upscale` defaults to
     auto_upscale(H). Raises ValueError when there are no pairs or the image sizes differ.
@@ -81,7 +81,8 @@ def pairs_grid(samples: Tensor, train: Tensor, sample_indices: Sequence[int], ne
     interleaved = torch.stack([left, right], dim=1).reshape(-1, *left.shape[1:])
     if upscale is None:
         upscale = auto_upscale(left.shape[-2])
-    return image_grid(interleaved, nrow=2, padding=padding, upscale=upscale)
+    return image_grid(interleaved, nrow=2 * max(1, min(pairs_per_row, len(sample_indices))), padding=padding,
+                      upscale=upscale)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
