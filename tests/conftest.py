@@ -1,6 +1,14 @@
+import os
+
+# The test models are tiny (8x8 images): one torch thread is as fast, and it stays fast when the machine is
+# shared (two threads on a busy 2-core machine made the suite 10x slower). Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from memaudit.data import digits_dataset
 
