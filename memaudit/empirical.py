@@ -1,7 +1,8 @@
 """The empirical (closed-form) denoiser of a training set {x_i}, optionally temperature-smoothed and kNN-restricted.
 
-w_i(x, sigma; T) = softmax_i(-||x - x_i||^2 / (2 sigma^2 T)),  D*_T(x, sigma) = sum_i w_i x_i,
-dD*/dx = Cov_w(x_i) / (sigma^2 T).  Computed as chunked GEMMs with a streaming log-sum-exp
+w_i(x, sigma; T) = softmax_i(-||x - x_i||^2 / (2 v)),  v = sigma^2 T,  D*_T(x, sigma) = sum_i w_i x_i,
+dD*/dx = Cov_w(x_i) / v.  An optional bandwidth floor h uses v = max(sigma^2 T, h^2) instead, so the weights
+stop sharpening below sigma = h / sqrt(T) (h = None or 0 is the plain D*_T).  Computed as chunked GEMMs with a streaming log-sum-exp
 (||x - x_i||^2 = ||x||^2 - 2 x.x_i + ||x_i||^2; the ||x||^2 term cancels in the softmax), so no B x M
 matrix is ever held when M is large.
 """
@@ -33,10 +34,11 @@ class TopK:
 
 
 class EmpiricalDenoiser(Denoiser):
-    """D*_T(x, sigma) over a training tensor (M, C, H, W); `k` restricts the sum to the k nearest points."""
+    """D*_T(x, sigma) over a training tensor (M, C, H, W); `k` restricts the sum to the k nearest points;
+    `bandwidth` h floors the softmax variance: max(sigma^2 T, h^2)."""
 
     def __init__(self, train: Tensor, temperature: float = 1.0, k: Optional[int] = None,
-                 chunk_size: int = DEFAULT_CHUNK):
+                 chunk_size: int = DEFAULT_CHUNK, bandwidth: Optional[float] = None):
         super().__init__()
         if train.ndim != 4 or train.shape[0] == 0:
             raise UserError("the empirical model needs a non-empty training set of shape (M, C, H, W)")
@@ -44,6 +46,9 @@ class EmpiricalDenoiser(Denoiser):
             raise UserError(f"temperature must be > 0, not {temperature}")
         if k is not None and k < 1:
             raise UserError(f"k must be >= 1, not {k}")
+        if bandwidth is not None and not bandwidth >= 0:
+            raise UserError(f"bandwidth h must be >= 0, not {bandwidth}")
+        self.bandwidth = float(bandwidth) if bandwidth else None
         self.image_shape = tuple(train.shape[1:])
         self.temperature = float(temperature)
         self.k = None if k is None else min(int(k), train.shape[0])
@@ -55,7 +60,7 @@ class EmpiricalDenoiser(Denoiser):
 
     @classmethod
     def from_spec(cls, spec: str, train: Optional[Tensor]) -> "EmpiricalDenoiser":
-        """Build from 'empirical', 'empirical:T=2', 'empirical:T=2,k=64' (also chunk=N)."""
+        """Build from 'empirical', 'empirical:T=2', 'empirical:T=2,k=64', 'empirical:T=2,k=64,h=0.5' (also chunk=N)."""
         if train is None:
             raise UserError("the empirical model needs training data")
         return cls(train, **parse_empirical_spec(spec))
@@ -64,9 +69,14 @@ class EmpiricalDenoiser(Denoiser):
     def num_points(self) -> int:
         return self.points.shape[0]
 
+    def variance(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """The softmax variance v = sigma^2 T, floored at h^2 when a bandwidth is set, as a (B, 1) column."""
+        var = (sigma.to(x.dtype) ** 2 * self.temperature).reshape(-1, 1)
+        return var.clamp(min=self.bandwidth ** 2) if self.bandwidth else var
+
     def inverse_scale(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """1 / (2 sigma^2 T) as a (B, 1) column."""
-        return (1.0 / (2.0 * sigma.to(x.dtype) ** 2 * self.temperature)).reshape(-1, 1)
+        """1 / (2 v) as a (B, 1) column (v = sigma^2 T, or max(sigma^2 T, h^2) with a bandwidth floor)."""
+        return 1.0 / (2.0 * self.variance(x, sigma))
 
     def chunk_logits(self, xf: Tensor, start: int, stop: int, inv: Tensor) -> Tensor:
         """Logits -(||x_i||^2 - 2 x.x_i) / (2 sigma^2 T) for training rows start:stop, shape (B, stop-start)."""
@@ -133,12 +143,13 @@ class EmpiricalDenoiser(Denoiser):
         return torch.einsum("bk,bkd->bd", weights, self.points[idx])
 
     def knn_weights(self, xf: Tensor, sigma: Tensor, idx: Tensor) -> Tensor:
-        """softmax over the given neighbours of -||x - x_i||^2 / (2 sigma^2 T), distances computed directly."""
+        """softmax over the given neighbours of -||x - x_i||^2 / (2 v), distances computed directly."""
         d2 = ((xf[:, None, :] - self.points[idx]) ** 2).sum(-1)
         return torch.softmax(-d2 * self.inverse_scale(xf, sigma), dim=1)
 
     def jvp(self, x: Tensor, sigma: Tensor | float, v: Tensor) -> Tensor:
-        """J v = (sum_i w_i x_i (x_i.v) - D (D.v)) / (sigma^2 T), the analytic Jacobian-vector product."""
+        """J v = (sum_i w_i x_i (x_i.v) - D (D.v)) / v_sigma, the analytic Jacobian-vector product
+        (v_sigma = sigma^2 T, or max(sigma^2 T, h^2) with a bandwidth floor)."""
         xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
         vf = v.reshape(v.shape[0], -1).to(self.points.dtype)
         sigma = as_sigma(sigma, xf)
@@ -151,10 +162,10 @@ class EmpiricalDenoiser(Denoiser):
         else:
             mean, second = self._stream(xf, sigma, vf)
         jv = second - mean * (mean * vf).sum(1, keepdim=True)
-        return (jv / (sigma.reshape(-1, 1) ** 2 * self.temperature)).reshape(x.shape).to(x.dtype)
+        return (jv / self.variance(xf, sigma)).reshape(x.shape).to(x.dtype)
 
     def jacobian(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        """Full Jacobian Cov_w(x_i) / (sigma^2 T), shape (B, d, d); only for small d (tests, diagnostics)."""
+        """Full Jacobian Cov_w(x_i) / max(sigma^2 T, h^2), shape (B, d, d); only for small d (tests, diagnostics)."""
         xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
         sigma = as_sigma(sigma, xf)
         if self.k is not None:
@@ -166,21 +177,21 @@ class EmpiricalDenoiser(Denoiser):
         mean = torch.einsum("bk,bkd->bd", w, pts)
         centred = pts - mean[:, None]
         cov = torch.einsum("bk,bkd,bke->bde", w, centred, centred)
-        return cov / (sigma.reshape(-1, 1, 1) ** 2 * self.temperature)
+        return cov / self.variance(xf, sigma)[:, :, None]
 
 
 def parse_empirical_spec(spec: str) -> dict:
-    """'empirical:T=2,k=64' -> {'temperature': 2.0, 'k': 64}; raises UserError on anything else."""
+    """'empirical:T=2,k=64,h=0.5' -> {'temperature': 2.0, 'k': 64, 'bandwidth': 0.5}; UserError on anything else."""
     name, _, args = spec.partition(":")
     if name.strip().lower() != "empirical":
         raise UserError(f"not an empirical model spec: {spec!r}")
     out: dict = {}
     keys = {"t": ("temperature", float), "temperature": ("temperature", float), "k": ("k", int),
-            "chunk": ("chunk_size", int)}
+            "chunk": ("chunk_size", int), "h": ("bandwidth", float), "bandwidth": ("bandwidth", float)}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")
         if not eq or key.strip().lower() not in keys:
-            raise UserError(f"bad empirical option {item!r} in {spec!r}; use e.g. empirical:T=2,k=64")
+            raise UserError(f"bad empirical option {item!r} in {spec!r}; use e.g. empirical:T=2,k=64,h=0.5")
         field, cast = keys[key.strip().lower()]
         try:
             out[field] = cast(value)

@@ -30,11 +30,13 @@ from memaudit.training import TargetFn, TrainConfig, fit
 
 @dataclass
 class FinetuneConfig:
-    """What to fine-tune toward: D*_T over k neighbours (temperature None = target x0), and unconditioning."""
+    """What to fine-tune toward: D*_T over k neighbours (temperature None = target x0), optionally with a
+    bandwidth floor h (softmax variance max(sigma^2 T, h^2)), and unconditioning."""
 
     temperature: Optional[float] = 2.0
     k: int = 64
     uncondition: bool = False
+    bandwidth: Optional[float] = None
 
     def validate(self) -> None:
         if self.temperature is None and not self.uncondition:
@@ -44,6 +46,11 @@ class FinetuneConfig:
                             f"not {self.temperature}")
         if self.k < 1:
             raise UserError(f"--k must be >= 1, not {self.k}")
+        if self.bandwidth is not None:
+            if not self.bandwidth >= 0:
+                raise UserError(f"--bandwidth must be >= 0, not {self.bandwidth}")
+            if self.temperature is None:
+                raise UserError("--bandwidth applies to the smoothed target: give --temperature too")
 
     @property
     def action(self) -> str:
@@ -52,9 +59,10 @@ class FinetuneConfig:
                                                ("uncondition", self.uncondition)) if on)
 
 
-def smoothing_target(train: Tensor, temperature: float, k: int) -> TargetFn:
-    """target(x0, x, sigma) = D*_T(x, sigma) restricted to the k nearest training points of x."""
-    empirical = EmpiricalDenoiser(train, temperature=temperature, k=k)
+def smoothing_target(train: Tensor, temperature: float, k: int, bandwidth: Optional[float] = None) -> TargetFn:
+    """target(x0, x, sigma) = D*_T(x, sigma) restricted to the k nearest training points of x (softmax variance
+    max(sigma^2 T, h^2) with a bandwidth floor h)."""
+    empirical = EmpiricalDenoiser(train, temperature=temperature, k=k, bandwidth=bandwidth)
 
     @torch.no_grad()
     def target(x0: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
@@ -90,6 +98,8 @@ def history_entry(config: FinetuneConfig, train_config: TrainConfig, **info) -> 
              "lr": train_config.lr, "seed": train_config.seed}
     if config.temperature is not None:
         entry.update(temperature=config.temperature, k=config.k)
+        if config.bandwidth:
+            entry["bandwidth"] = config.bandwidth
     return entry
 
 
@@ -106,5 +116,6 @@ def finetune(model: Denoiser, train: Tensor, config: FinetuneConfig, train_confi
         extra["noise_input"] = constant_noise_input(denoiser, train_config.p_mean)
         uncondition(denoiser, extra["noise_input"])
     history = list(getattr(model, "history", []) or []) + [history_entry(config, train_config, **extra)]
-    target = smoothing_target(train, config.temperature, config.k) if config.temperature is not None else None
+    target = (smoothing_target(train, config.temperature, config.k, config.bandwidth)
+              if config.temperature is not None else None)
     return fit(denoiser, train, train_config, out, history, target_fn=target, resume=resume, progress=progress)

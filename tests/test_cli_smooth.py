@@ -56,6 +56,17 @@ def test_smooth_writes_checkpoint_and_prints_three_rows(tmp_path, model, capsys)
     assert any(not torch.equal(p, q) for p, q in zip(original.net.parameters(), tuned.net.parameters()))
 
 
+def test_bandwidth_reaches_the_target_and_the_closed_form_row(tmp_path, model, capsys):
+    code, out, err = run(["smooth", model, DIGITS32, "--out", str(tmp_path / "h"), "--temperature", "2", "--k", "8",
+                          "--bandwidth", "3", "--samples", "8", *FAST], capsys)
+    assert code == 0, err
+    assert table_rows(out) == [("original", "heun"), ("fine-tuned (smooth)", "heun"),
+                               ("closed form empirical:T=2,k=8,h=3", "heun")]
+    closed_form = [float(v) for v in table_cells(out)[2][2:]]
+    assert closed_form[0] < 1.0 and closed_form[1] > 0.0  # h = 3 keeps the closed-form sampler off the training images
+    assert load_native(tmp_path / "h").history[-1]["bandwidth"] == 3.0
+
+
 def test_uncondition_scans_the_finetuned_model_with_the_sde_sampler(tmp_path, model, capsys):
     code, out, err = run(["smooth", model, DIGITS32, "--out", str(tmp_path / "u"), "--uncondition",
                           "--samples", "8", *FAST], capsys)
@@ -92,6 +103,8 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, model, ca
     (["--temperature", "0.5"], "--temperature must be >= 1"),
     (["--temperature", "-1"], "--temperature must be >= 1"),
     (["--k", "0"], "--k must be >= 1"),
+    (["--bandwidth", "-1"], "--bandwidth must be >= 0"),
+    (["--uncondition", "--bandwidth", "1"], "give --temperature too"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--steps", "0"], "--steps and --batch-size must be >= 1"),
 ])

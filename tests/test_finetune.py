@@ -23,14 +23,14 @@ def tiny(tmp_path):
     return lambda: load_model(str(tmp_path / "orig"))
 
 
-def numpy_knn_softmax(x, train, sigma, temperature, k):
-    """sum over the k nearest x_i of softmax(-||x - x_i||^2 / (2 sigma^2 T)) x_i, in float64 numpy."""
+def numpy_knn_softmax(x, train, sigma, temperature, k, h=0.0):
+    """sum over the k nearest x_i of softmax(-||x - x_i||^2 / (2 max(sigma^2 T, h^2))) x_i, in float64 numpy."""
     x, pts = x.reshape(len(x), -1).double().numpy(), train.reshape(len(train), -1).double().numpy()
     out = []
     for row, s in zip(x, sigma.double().numpy()):
         d2 = ((row[None] - pts) ** 2).sum(1)
         idx = np.argsort(d2)[:k]
-        logits = -d2[idx] / (2 * s**2 * temperature)
+        logits = -d2[idx] / (2 * max(s**2 * temperature, h**2))
         w = np.exp(logits - logits.max())
         out.append((w / w.sum()) @ pts[idx])
     return np.stack(out)
@@ -45,6 +45,25 @@ def test_smoothing_target_is_the_knn_softmax_at_temperature_t(digits32, temperat
     got = smoothing_target(digits32, temperature, k)(x0, x, sigma)
     want = numpy_knn_softmax(x, digits32, sigma, temperature, k)
     np.testing.assert_allclose(got.reshape(8, -1).numpy(), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("k,h", [(5, 1.5), (64, 0.5)])
+def test_smoothing_target_with_a_bandwidth_floor(digits32, k, h):
+    gen = torch.Generator().manual_seed(1)
+    x0 = digits32[torch.randint(0, 32, (8,), generator=gen)]
+    sigma = torch.tensor([0.002, 0.05, 0.3, 0.7, 1.0, 2.0, 8.0, 40.0])
+    x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)
+    got = smoothing_target(digits32, 2.0, k, bandwidth=h)(x0, x, sigma)
+    np.testing.assert_allclose(got.reshape(8, -1).numpy(), numpy_knn_softmax(x, digits32, sigma, 2.0, k, h), atol=2e-5)
+    if h > 1:  # at small sigma the floored target stays a blend of neighbours instead of collapsing onto x0
+        assert (got[:2] - x0[:2]).abs().amax() > 0.1
+
+
+def test_bandwidth_is_recorded_in_the_history(tmp_path, tiny, digits32):
+    config = TrainConfig(steps=2, batch_size=4, checkpoint_every=0)
+    finetune(tiny(), digits32, FinetuneConfig(2.0, 4, bandwidth=1.5), config, tmp_path / "h")
+    entry = load_native(tmp_path / "h").history[-1]
+    assert entry["action"] == "smooth" and entry["bandwidth"] == 1.5 and entry["k"] == 4
 
 
 def test_smoothing_target_is_not_x0_at_large_sigma_and_is_at_small(digits32):
@@ -135,6 +154,8 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, tiny, digits
     (FinetuneConfig(temperature=0.5), "--temperature must be >= 1"),
     (FinetuneConfig(temperature=2.0, k=0), "--k must be >= 1"),
     (FinetuneConfig(temperature=None), "nothing to fine-tune"),
+    (FinetuneConfig(temperature=2.0, bandwidth=-1.0), "--bandwidth must be >= 0"),
+    (FinetuneConfig(temperature=None, uncondition=True, bandwidth=1.0), "give --temperature too"),
 ])
 def test_bad_settings_are_user_errors(config, message):
     with pytest.raises(UserError, match=message):

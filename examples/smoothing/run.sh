@@ -4,6 +4,7 @@
 # prints the before/after table (original, fine-tuned, closed-form empirical:T=..,k=.. sampler).
 # Then a residual-noise check of the samples (is "not memorized" a new digit or a noisy copy?).
 # About 10 minutes on 2 CPU cores. Usage: examples/smoothing/run.sh [output folder]
+# BANDWIDTH=1 adds the bandwidth-floor runs (about 15 minutes), INVESTIGATE=1 the temperature sweeps (about 5).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -51,6 +52,67 @@ for spec, sampler in [("examples/models/digits32", "heun"), ("examples/models/di
     x, _ = sample(load_model(spec, train=train), 256, SamplerConfig(sampler=sampler), seed=0, batch_size=128)
     row(f"{spec.replace(out + '/', '')} ({sampler})", x)
 PY
+
+if [ "${BANDWIDTH:-0}" = 1 ]; then
+# Bandwidth floor h (softmax variance max(sigma^2 T, h^2)): fine-tune with T=2, h=1.5 for k = 64, 16, 4,
+# h=1.75 for k=64 and h=2 for k=4, then one table for those checkpoints and the closed-form sampler
+# empirical:T=2,k=..,h=.. (quality columns as above, plus a digit classifier and how well a blend of the two
+# nearest training images explains each sample). About 15 more minutes.
+for kh in "64 1.5" "64 1.75" "16 1.5" "4 1.5" "4 2"; do
+  set -- $kh
+  memaudit smooth "$MODEL" "$DATA" --temperature 2 --k "$1" --bandwidth "$2" --out "$OUT/bandwidth-k$1-h$2"
+done
+python - "$OUT" <<'PY'
+import sys
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from memaudit.data import load_images
+from memaudit.metrics.fid import fid_proxy
+from memaudit.metrics.nn_ratio import nn_ratios
+from memaudit.models.load import load_model
+from memaudit.sampling import SamplerConfig, sample
+
+out = sys.argv[1]
+train = load_images("examples/digits/digits32.npz")
+digits = load_images("examples/digits/digits.npz")
+held = digits[32:288]
+labels = torch.as_tensor(load_digits().target)  # digits.npz is sklearn's load_digits, in order
+classifier = LogisticRegression(max_iter=2000).fit(digits[288:].reshape(-1, 64).numpy(), labels[288:].numpy())
+flat = train.reshape(32, -1)
+laplace = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])[None, None]
+
+
+def row(name, x):
+    nn = nn_ratios(x, train)
+    xf = x.reshape(len(x), -1)
+    two = torch.cdist(xf, flat).topk(2, largest=False).indices
+    x1, x2 = flat[two[:, 0]], flat[two[:, 1]]
+    a = (((xf - x2) * (x1 - x2)).sum(1) / ((x1 - x2) ** 2).sum(1)).clamp(0, 1)[:, None]
+    blend = ((xf - a * x1 - (1 - a) * x2) ** 2).mean(1).sqrt()
+    proba = classifier.predict_proba(xf.numpy()).max(1)
+    print(f"| {name} | {float((nn.ratio < 1 / 3).float().mean()):.3f} | {float(nn.ratio.mean()):.3f} | "
+          f"{float(nn.d1.mean()) / 8:.3f} | {float(F.conv2d(x, laplace).pow(2).mean()):.2f} | "
+          f"{fid_proxy(x, train):.2f} | {fid_proxy(x, held):.2f} | {proba.mean():.2f} | {float(blend.mean()):.3f} |")
+
+
+print("| samples (256, heun) | memorized | mean NN ratio | RMS to nearest | HF energy | FID proxy vs train | "
+      "FID proxy vs held-out | classifier confidence | RMS to best blend of 2 nearest |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+row("training images", train)
+row("held-out real digits", held)
+gen = torch.Generator().manual_seed(0)
+row("50/50 blend of two random training images",
+    0.5 * (train[torch.randint(0, 32, (256,), generator=gen)] + train[torch.randint(0, 32, (256,), generator=gen)]))
+specs = ["examples/models/digits32", "examples/models/digits-all"]
+specs += [f"empirical:T=2,k={k},h={h:g}" for k in (4, 16, 64) for h in (0, 1, 1.25, 1.5, 1.75, 2, 3)]
+specs += [f"{out}/bandwidth-k{kh}" for kh in ("64-h1.5", "64-h1.75", "16-h1.5", "4-h1.5", "4-h2")]
+for spec in specs:
+    x, _ = sample(load_model(spec, train=train), 256, SamplerConfig(), seed=0, batch_size=128)
+    row(spec.replace(out + "/", "fine-tuned "), x)
+PY
+fi
 
 [ "${INVESTIGATE:-0}" = 1 ] || exit 0
 # Why smoothing does not help: other settings (library API, same seed and scan), and how closely the T=2

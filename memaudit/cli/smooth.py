@@ -44,6 +44,9 @@ def smooth(
         None, "--temperature", "-T", help=f"Smoothing temperature T >= 1 of the target D*_T (default "
         f"{DEFAULT_TEMPERATURE:g}; with --uncondition the target is x0 unless T is given)."),
     k: int = typer.Option(64, "--k", help="Nearest training points in the smoothed target."),
+    bandwidth: Optional[float] = typer.Option(
+        None, "--bandwidth", help="Bandwidth floor h of the smoothed target: softmax variance "
+        "max(sigma^2 T, h^2) (default: none, plain D*_T); also used by the closed-form row."),
     uncondition: bool = typer.Option(False, "--uncondition",
                                      help="Fix the network's noise input to a constant (scan it with --sampler sde)."),
     steps: int = typer.Option(2000, "--steps", help="Optimiser steps."),
@@ -67,7 +70,7 @@ def smooth(
     """Fine-tune MODEL toward the temperature-smoothed kNN empirical denoiser of DATA (or unconditioned)."""
     if temperature is None and not uncondition:
         temperature = DEFAULT_TEMPERATURE
-    config = FinetuneConfig(temperature=temperature, k=k, uncondition=uncondition)
+    config = FinetuneConfig(temperature=temperature, k=k, uncondition=uncondition, bandwidth=bandwidth)
     config.validate()
     train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
     train_config.validate()
@@ -102,6 +105,8 @@ def compare_rows(model: str, out: Path, images, config: FinetuneConfig, loader: 
                  device, tracker: ProgressTracker, data_info: dict) -> list[Row]:
     """Scan the original, the fine-tuned checkpoint and the closed-form smoothed sampler (same seed)."""
     closed_form = f"empirical:T={config.temperature or 1.0:g},k={config.k}"
+    if config.bandwidth:
+        closed_form += f",h={config.bandwidth:g}"
     tuned_sampler = "sde" if config.uncondition else "heun"
     candidates = [("original", model, sampler) for sampler in dict.fromkeys(("heun", tuned_sampler))]
     candidates += [(f"fine-tuned ({config.action})", str(out), tuned_sampler),
