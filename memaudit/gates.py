@@ -31,6 +31,7 @@ BASE_METRICS: tuple[str, ...] = (
     "min_nn_ratio",
     "mean_nn_ratio",
     "final_entropy",
+    "collapse_sigma",
     "score_cosine_deviation_small_sigma",
     "score_cosine_deviation_mean",
     "jacobian_ratio_max",

@@ -185,3 +185,11 @@ def test_summarize_ignores_non_finite_values(report):
     report["jacobian"]["ratio"] = [float("nan"), 0.5, None, 0.7]
     report["jacobian"]["sigmas"] = report["jacobian"]["sigmas"][:4]
     assert summarize(report)["jacobian_ratio_max"] == 0.7
+
+
+def test_collapse_sigma_is_the_first_sigma_below_two_effective_points():
+    from memaudit.report.schema import collapse_sigma
+
+    assert collapse_sigma([80, 10, 1, 0.1], [16, 5, 1.9, 1.0]) == 1.0
+    assert collapse_sigma([80, 10, 1, 0.1], [16, 5, 3, 2.5]) == 0.0
+    assert collapse_sigma([80, 10], [None, 1.5]) == 10.0

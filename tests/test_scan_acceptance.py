@@ -51,6 +51,7 @@ def test_model_trained_on_all_digits_is_flagged_far_less(digits_all, digits32):
     assert full["summary"]["memorized_fraction"] <= 0.1
     assert full["summary"]["memorized_fraction"] < small["summary"]["memorized_fraction"] - 0.5
     assert full["summary"]["mean_nn_ratio"] > small["summary"]["mean_nn_ratio"] + 0.3
+    assert full["summary"]["collapse_sigma"] < small["summary"]["collapse_sigma"]  # one image takes over later
 
 
 def test_pure_noise_is_flagged_zero(digits32):

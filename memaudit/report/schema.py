@@ -17,6 +17,7 @@ from memaudit.gates import BASE_METRICS, Gate, evaluate_gates, finite_or_none, g
 
 SCHEMA = "memaudit.scan/1"
 NN_RATIO_THRESHOLD = 1.0 / 3.0
+COLLAPSE_POINTS = 2.0  # effective number of training points exp(H) below which one image has taken over
 HISTOGRAM_BINS = 20
 WORST_PAIRS = 16
 
@@ -111,14 +112,15 @@ def summarize(report: Mapping[str, Any]) -> dict:
     """The flat summary of gateable metrics (float or None) derived from the report's sections.
 
     memorized_fraction: max over runs; memorized_fraction_<sampler>: per run; min_nn_ratio: min over
-    runs; mean_nn_ratio: mean over all samples of all runs; final_entropy: min over runs of
+    runs; mean_nn_ratio: mean over all samples of all runs; collapse_sigma: max over runs of the largest
+    sigma where the mean effective number of training points exp(H) drops below 2; final_entropy: min over runs of
     entropy.final_mean; score_cosine_deviation_small_sigma: score_cosine.mean at the smallest sigma;
     score_cosine_deviation_mean: mean of score_cosine.mean over sigmas; jacobian_ratio_max: max of
     jacobian.ratio; fid / fid_proxy: value of the first "clean-fid" / "proxy" entry of "fid".
     """
     summary: dict[str, Optional[float]] = {k: None for k in BASE_METRICS}
     runs = report.get("runs") or {}
-    fractions, mins, weighted, finals = [], [], [], []
+    fractions, mins, weighted, finals, collapses = [], [], [], [], []
     per_run: dict[str, Optional[float]] = {}
     for name in sorted(runs):
         run = runs[name] or {}
@@ -137,12 +139,15 @@ def summarize(report: Mapping[str, Any]) -> dict:
         ent = run.get("entropy")
         if ent and finite_or_none(ent.get("final_mean")) is not None:
             finals.append(float(ent["final_mean"]))
+        if ent and ent.get("sigmas"):
+            collapses.append(collapse_sigma(ent["sigmas"], ent.get("effective_points_mean") or []))
     summary["memorized_fraction"] = max(fractions) if fractions else None
     summary["min_nn_ratio"] = min(mins) if mins else None
     if weighted:
         total = sum(w for _, w in weighted)
         summary["mean_nn_ratio"] = sum(m * w for m, w in weighted) / total
     summary["final_entropy"] = min(finals) if finals else None
+    summary["collapse_sigma"] = max(collapses) if collapses else None
 
     sc = report.get("score_cosine")
     if sc:
@@ -165,6 +170,14 @@ def summarize(report: Mapping[str, Any]) -> dict:
     for key, value in per_run.items():
         summary[key] = value
     return {k: finite_or_none(v) for k, v in summary.items()}
+
+
+def collapse_sigma(sigmas: Sequence[Any], effective_points: Sequence[Any], below: float = COLLAPSE_POINTS) -> float:
+    """The largest sigma (sampling order: descending) at which mean exp(H) < `below`; 0 if it never drops."""
+    for sigma, points in zip(sigmas, effective_points):
+        if finite_or_none(points) is not None and float(points) < below and finite_or_none(sigma) is not None:
+            return float(sigma)
+    return 0.0
 
 
 def attach_gates(report: dict, gates: Sequence[Gate | str]) -> dict:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from memaudit.report.schema import finite_or_none, fmt
+from memaudit.report.schema import collapse_sigma, finite_or_none, fmt
 
 
 def _pct(value: Any) -> str:
@@ -41,7 +41,7 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
     table.add_column("memorized fraction", justify="right")
     table.add_column("mean NN ratio", justify="right")
     table.add_column("min NN ratio", justify="right")
-    table.add_column("final entropy (nats)", justify="right")
+    table.add_column("collapse sigma", justify="right")
     for name in sorted(runs):
         run = runs[name] or {}
         nn = run.get("nn_ratio") or {}
@@ -49,13 +49,16 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
         frac = Text(_pct(nn.get("memorized_fraction")))
         if styled and finite_or_none(nn.get("memorized_fraction")):
             frac.stylize("red")
-        table.add_row(Text(name), frac, fmt(nn.get("mean")), fmt(nn.get("min")), fmt(ent.get("final_mean")))
+        collapse = collapse_sigma(ent["sigmas"], ent.get("effective_points_mean") or []) if ent.get("sigmas") else None
+        table.add_row(Text(name), frac, fmt(nn.get("mean")), fmt(nn.get("min")), fmt(collapse, 3))
     if runs:
         console.print(table)
         threshold = next((r["nn_ratio"].get("threshold") for r in runs.values() if r and r.get("nn_ratio")), None)
         if threshold is not None:
-            console.print(f"memorized = nearest/second-nearest training distance ratio < {fmt(threshold)}",
-                          markup=False, highlight=False)
+            console.print(f"memorized = nearest/second-nearest training distance ratio < {fmt(threshold)}; "
+                          "collapse sigma = noise level where one training image takes over the sampling path "
+                          "(fewer than 2 effective points; larger = earlier)", markup=False, highlight=False,
+                          soft_wrap=True)
     else:
         console.print("no sampler runs", markup=False, highlight=False)
 
