@@ -121,3 +121,23 @@ def test_bad_inputs_are_one_line_errors(tmp_path, model, capsys, which):
     code, out, err = run(["smooth", spec, data, "--out", str(tmp_path / "x"), "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert not (tmp_path / "x").exists()
+
+
+def test_smooth_takes_resize_for_mixed_size_folders(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from cli_helpers import run_cli
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([8, 10, 12, 8]):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / f"{i}.png")
+    code, _, err = run_cli(capsys, "smooth", "examples/models/digits32", folder, "--out", tmp_path / "a",
+                           "--steps", "1", "--no-compare", "--quiet")
+    assert code == 2 and "--resize" in err
+    code, _, err = run_cli(capsys, "smooth", "examples/models/digits32", folder, "--out", tmp_path / "b",
+                           "--steps", "2", "--no-compare", "--quiet", "--resize", "8")
+    assert code == 0, err
+    assert (tmp_path / "b" / "model.safetensors").is_file()

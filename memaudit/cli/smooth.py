@@ -63,6 +63,8 @@ def smooth(
     sigma_min: Optional[float] = opt.SIGMA_MIN,
     sigma_max: Optional[float] = opt.SIGMA_MAX,
     round_timesteps: bool = opt.ROUND_TIMESTEPS,
+    resize: Optional[int] = opt.RESIZE,
+    channels: Optional[int] = opt.CHANNELS,
     seed: int = opt.SEED,
     device: str = opt.DEVICE,
     quiet: bool = opt.QUIET,
@@ -77,7 +79,7 @@ def smooth(
     if samples < 1:
         raise UserError(f"--samples must be >= 1, not {samples}")
     dev = opt.resolve_device(device)
-    images = load_images(data).to(dev)
+    images = load_images(data, resize=resize, channels=channels).to(dev)
     if compare and images.shape[0] < 2:
         raise UserError(f"{data} holds 1 image; the comparison scan needs at least 2 (or pass --no-compare)")
     loader = dict(param=param, schedule=schedule, factory=factory, trust_pickle=trust_pickle, sigma_min=sigma_min,
