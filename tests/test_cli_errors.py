@@ -416,3 +416,10 @@ def test_read_only_folder(capsys, tmp_path, monkeypatch):
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
+
+
+def test_train_out_current_folder_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = Path(__file__).resolve().parents[1] / "examples" / "digits" / "digits32.npz"
+    code, _, err = run_cli(capsys, "train", data, "--out", ".", "--steps", "1", "--quiet")
+    assert code == 2 and "current folder" in err and len(err.splitlines()) == 1

@@ -110,6 +110,9 @@ def check_output_folder(folder: str | Path) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cannot write the checkpoint folder {folder}: it is a file")
+    if folder.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise UserError(f"cannot use {folder} as the checkpoint folder: it is the current folder or holds it; "
+                        "give a new folder, e.g. --out model/")
     if folder.is_dir() and not is_native(folder):
         entries = sorted(p.name for p in folder.iterdir())
         if entries:
