@@ -42,7 +42,7 @@ def load_images(path: str | Path, resize: Optional[int] = None, channels: Option
     elif path.suffix.lower() in (".npy", ".npz"):
         images = _load_array_file(path, resize, channels, limit)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
-        images = _stack_pil([_open_image(path)], resize, channels, [path])
+        images = _stack_pil([_open_image(path)], resize, channels)
     else:
         raise UserError(f"unsupported data file {path}: use a folder of images or a .npy/.npz array")
     if not torch.isfinite(images).all():
@@ -58,7 +58,7 @@ def _load_folder(folder: Path, resize, channels, limit) -> Tensor:
         raise UserError(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
     if limit is not None:
         files = files[:limit]
-    return _stack_pil([_open_image(f) for f in files], resize, channels, files)
+    return _stack_pil([_open_image(f) for f in files], resize, channels)
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -70,24 +70,18 @@ def _open_image(path: Path) -> Image.Image:
         raise UserError(f"cannot read image {path}: {exc.__class__.__name__}") from None
 
 
-def _stack_pil(images: list[Image.Image], resize, channels, names) -> Tensor:
+def _stack_pil(images: list[Image.Image], resize, channels) -> Tensor:
     if channels is None:
         channels = 1 if all(img.mode in ("1", "L", "I", "I;16", "F") for img in images) else 3
     mode = "L" if channels == 1 else "RGB"
-    arrays = []
-    for img, name in zip(images, names):
-        img = img.convert(mode)
-        if resize is not None:
-            img = img.resize((resize, resize), Image.Resampling.BICUBIC, reducing_gap=None)
-        arrays.append(np.asarray(img, dtype=np.uint8))
+    arrays = [np.asarray(img.convert(mode), dtype=np.uint8) for img in images]
+    if resize is not None:  # one image at a time (sizes may differ), the same way arrays are resized
+        return torch.cat([array_to_images(a[None], resize=resize) for a in arrays])
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         example = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
         raise UserError(f"images have different sizes ({example}); pass --resize N to resize them all")
-    stack = np.stack(arrays)
-    if stack.ndim == 3:
-        stack = stack[..., None]
-    return _to_tensor(stack.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
+    return array_to_images(np.stack(arrays))
 
 
 def _load_array_file(path: Path, resize, channels, limit) -> Tensor:
@@ -131,9 +125,14 @@ def array_to_images(array: np.ndarray, resize: Optional[int] = None, channels: O
     if channels is not None and images.shape[1] != channels:
         images = images.mean(1, keepdim=True) if channels == 1 else images.expand(-1, 3, -1, -1).contiguous()
     if resize is not None and tuple(images.shape[-2:]) != (resize, resize):
-        images = torch.nn.functional.interpolate(images, size=(resize, resize), mode="bilinear",
-                                                 antialias=True, align_corners=False).clamp(-1, 1)
+        images = resize_images(images, resize)
     return images
+
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """Resize (N, C, H, W) to size x size: bilinear with antialiasing, clamped to [-1, 1]."""
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False).clamp(-1, 1)
 
 
 def _to_nchw(array: np.ndarray, name: str) -> np.ndarray:

@@ -132,3 +132,14 @@ def test_bundled_digits_are_scikit_learns():
     expected = np.round(sklearn_datasets.load_digits().images * (255.0 / 16.0)).astype(np.uint8)
     assert np.array_equal(digits_dataset(), expected)
     assert np.array_equal(load_images("examples/digits/digits32.npz").numpy(), array_to_images(expected[:32]).numpy())
+
+
+def test_resize_is_the_same_for_folders_and_arrays(tmp_path):
+    arr = np.random.default_rng(3).integers(0, 256, size=(3, 12, 12), dtype=np.uint8)
+    for i, a in enumerate(arr):
+        write_png(tmp_path / "imgs" / f"{i}.png", a)
+    np.save(tmp_path / "a.npy", arr)
+    from_folder = load_images(tmp_path / "imgs", resize=5)
+    from_array = load_images(tmp_path / "a.npy", resize=5)
+    assert from_folder.shape == (3, 1, 5, 5)
+    torch.testing.assert_close(from_folder, from_array, rtol=0, atol=0)
