@@ -5,3 +5,11 @@ class UserError(Exception):
     """Bad input from the user (path, option, checkpoint, data). Exit code 2, no traceback."""
 
     exit_code = 2
+
+
+def first_lines(exc: BaseException, n: int = 1, with_type: bool = False) -> str:
+    """The first n non-blank lines of str(exc) joined by spaces; the exception's type name when there are none."""
+    text = " ".join([line.strip() for line in str(exc).splitlines() if line.strip()][:n])
+    if with_type:
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text or type(exc).__name__

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
 from memaudit.models.adapters import NetworkDenoiser
 from memaudit.models.native import check_output_folder, is_native, load_native, save_native
 
@@ -135,7 +135,7 @@ class Trainer:
             self.generator.set_state(state["generator"])
             self.step = int(state["step"])
         except Exception as exc:  # noqa: BLE001 - any corrupt state is a user-facing error
-            raise UserError(f"cannot resume from {path}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"cannot resume from {path}: {first_lines(exc, with_type=True)}") from None
 
     def save(self, out: Path, history: list[dict], keep_state: bool) -> None:
         """Write the EMA model as a native checkpoint (atomically), plus the training state if asked."""

@@ -423,3 +423,12 @@ def test_train_out_current_folder_is_a_clear_error(tmp_path, capsys, monkeypatch
     data = Path(__file__).resolve().parents[1] / "examples" / "digits" / "digits32.npz"
     code, _, err = run_cli(capsys, "train", data, "--out", ".", "--steps", "1", "--quiet")
     assert code == 2 and "current folder" in err and len(err.splitlines()) == 1
+
+
+def test_first_lines_handles_empty_and_multiline_messages():
+    from memaudit.errors import first_lines
+
+    assert first_lines(RuntimeError("")) == "RuntimeError"
+    assert first_lines(RuntimeError(""), with_type=True) == "RuntimeError"
+    assert first_lines(ValueError("\n  a \n\n b\nc"), 2) == "a b"
+    assert first_lines(KeyError("x"), with_type=True) == "KeyError: 'x'"

@@ -9,7 +9,7 @@ import sys
 import typer
 
 from memaudit import __version__
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
 
 app = typer.Typer(
     name="memaudit",
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = app(args=argv, prog_name="memaudit", standalone_mode=False)
     except UserError as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        fail(first_lines(exc))
     except Interrupted as exc:
-        fail(str(exc).splitlines()[0], 130)
+        fail(first_lines(exc), 130)
     except (KeyboardInterrupt, typer.Abort):
         fail("interrupted", 130)
     except typer.Exit as exc:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
 from memaudit.neighbors import NeighborIndex
 
 Features = Callable[[Tensor], Tensor]
@@ -80,14 +80,14 @@ def load_feature_extractor(path: str, device, probe_shape: Optional[tuple[int, .
             warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.9 deprecates TorchScript loading
             module = torch.jit.load(str(path), map_location=device).eval()
     except Exception as exc:  # torch raises RuntimeError/ValueError/OSError for missing or non-TorchScript files
-        raise UserError(f"cannot load feature extractor {path} as TorchScript: {_first_line(exc)}") from None
+        raise UserError(f"cannot load feature extractor {path} as TorchScript: {first_lines(exc, with_type=True)}") from None
 
     def features(x: Tensor) -> Tensor:
         try:
             with torch.no_grad():
                 out = module(x.to(device))
         except Exception as exc:
-            raise UserError(f"feature extractor {path} failed on input {tuple(x.shape)}: {_first_line(exc)}") from None
+            raise UserError(f"feature extractor {path} failed on input {tuple(x.shape)}: {first_lines(exc, with_type=True)}") from None
         if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise UserError(f"feature extractor {path} must return (B, F) features, got {shape} for batch {x.shape[0]}")
@@ -96,8 +96,3 @@ def load_feature_extractor(path: str, device, probe_shape: Optional[tuple[int, .
     if probe_shape is not None:
         features(torch.zeros((2, *probe_shape)))
     return features
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
 from memaudit.models.adapters import NetworkDenoiser
 from memaudit.models.schedules import (Schedule, cosine_betas, linear_betas, make_schedule,
                                        scaled_linear_betas, set_sigma_range, vp_schedule)
@@ -154,8 +154,7 @@ def load_unet(unet_dir: Path) -> DiffusersUNetNet:
     try:
         unet = model_cls.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
     except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), "")
-        raise UserError(f"{unet_dir}: cannot load the diffusers UNet: {type(exc).__name__}: {first}") from None
+        raise UserError(f"{unet_dir}: cannot load the diffusers UNet: {first_lines(exc, with_type=True)}") from None
     return DiffusersUNetNet(unet)
 
 

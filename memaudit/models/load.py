@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from memaudit.denoiser import Denoiser, check_shape, fmt_shape
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
 from memaudit.models import diffusers_loader, native, statedict, torchscript
 from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
 from memaudit.models.safe_pickle import safe_torch_load
@@ -187,8 +187,7 @@ def check_model_on_data(denoiser: Denoiser, image_shape: Sequence[int], batch: i
         with torch.no_grad():
             out = denoiser(x, sigma)
     except (RuntimeError, UserError) as exc:
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise UserError(f"image shape mismatch: the model fails on {shape} (CxHxW) images: {first}") from None
+        raise UserError(f"image shape mismatch: the model fails on {shape} (CxHxW) images: {first_lines(exc)}") from None
     if not torch.isfinite(out).all():
         raise UserError(f"the model returns NaN/inf on {shape} images at sigma={sigma:.3g}; check the "
                         "checkpoint and its --param/--schedule")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memaudit.atomic import atomic_dir, check_writable
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
 from memaudit.models import diffusers_loader, statedict, torchscript
 from memaudit.models.adapters import NetworkDenoiser
 from memaudit.models.schedules import Schedule, make_schedule
@@ -194,8 +194,7 @@ def load_native(folder: str | Path, device: str | torch.device = "cpu") -> Netwo
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise UserError(f"{weights} does not match its architecture: {' '.join(first[:2])}") from None
+        raise UserError(f"{weights} does not match its architecture: {first_lines(exc, 2)}") from None
     schedule = make_schedule(config["schedule"], config.get("sigma_min"), config.get("sigma_max"),
                              sigma_data=float(config.get("sigma_data", 0.5)))
     schedule.round_timesteps = bool(config.get("round_timesteps", False))

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
 from memaudit.models.safe_pickle import safe_torch_load
 
 # Keys under which training scripts commonly nest the state dict, in order of preference (EMA first).
@@ -148,8 +148,7 @@ def load_strict(net: nn.Module, state: dict[str, Tensor], source: str | Path) ->
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise UserError(f"{source} does not match the network: {' '.join(lines[:2])}") from None
+        raise UserError(f"{source} does not match the network: {first_lines(exc, 2)}") from None
 
 
 def state_dict_mismatch(expected: dict[str, Tensor], given: dict[str, Tensor]) -> str:

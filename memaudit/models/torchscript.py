@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
 
 NATIVE_FILE = "network.pt"
 
@@ -55,8 +55,7 @@ def load_torchscript(path: str | Path, device: str | torch.device = "cpu", file:
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch raises RuntimeError/ValueError with multi-line messages
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise UserError(f"{path}: not a loadable TorchScript file ({first.strip()})") from None
+        raise UserError(f"{path}: not a loadable TorchScript file ({first_lines(exc)})") from None
     return TorchScriptNet(module, data, file)
 
 
