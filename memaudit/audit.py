@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from memaudit.atomic import atomic_path
-from memaudit.denoiser import Denoiser
+from memaudit.denoiser import Denoiser, clip_sigma_range
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.errors import UserError
 from memaudit.metrics.entropy import trajectory_entropy
 from memaudit.metrics.fid import compute_fid, inception_feature_extractor
 from memaudit.metrics.jacobian import jacobian_profile
-from memaudit.metrics.nn_ratio import load_feature_extractor, nn_ratios
+from memaudit.metrics.nn_ratio import load_feature_extractor, nn_ratios, training_index
+from memaudit.neighbors import NeighborIndex
 from memaudit.metrics.score_cosine import cosine_on_training_points, cosine_on_trajectories
 from memaudit.report.schema import build_report, nn_ratio_section
 from memaudit.sampling import SAMPLERS, SamplerConfig, SamplingState, Trajectory, sample
@@ -91,7 +92,7 @@ class ScanResult:
 
 def metric_sigmas(model: Denoiser, count: int, lo: float = 0.01, hi: float = 10.0) -> list[float]:
     """`count` log-spaced noise levels in [lo, hi] clipped to the model's valid range, descending."""
-    lo, hi = max(lo, float(model.sigma_min)), min(hi, float(model.sigma_max))
+    lo, hi = clip_sigma_range(model, lo, hi)
     if count <= 1 or lo >= hi:
         return [max(lo, min(hi, 1.0))]
     step = (math.log(hi) - math.log(lo)) / (count - 1)
@@ -169,9 +170,9 @@ def sample_run(model: Denoiser, sampler: str, config: ScanConfig, store: SampleS
 
 
 def run_metrics(model: Denoiser, empirical: EmpiricalDenoiser, train: Tensor, samples: Tensor,
-                trajectories: list[Trajectory], config: ScanConfig, features) -> dict:
+                trajectories: list[Trajectory], config: ScanConfig, features, index: NeighborIndex) -> dict:
     """The per-run report sections: nn_ratio, entropy and trajectory_cosine."""
-    nn = nn_ratios(samples, train, features=features)
+    nn = nn_ratios(samples, train, features=features, index=index)
     run = {"nn_ratio": nn_ratio_section(nn.ratio, nn.d1, nn.d2, nn.nearest, threshold=config.threshold)}
     if "entropy" not in config.skip:
         run["entropy"] = trajectory_entropy(empirical, trajectories, config.topk)
@@ -199,14 +200,15 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     train_dev = train.to(device)
     empirical = EmpiricalDenoiser(train_dev)
     features = feature_extractor(config.features, device, tuple(train.shape[1:]))
+    index = training_index(train_dev, features)
     store = SampleStore(workdir, {"settings": config.settings(), "model": model_info,
                                   "weights": model_fingerprint(model) if workdir is not None else None,
-                                  "data": data_fingerprint(train)})
+                                  "data": data_fingerprint(train) if workdir is not None else None})
     runs, all_samples = {}, {}
     for sampler in config.samplers:
         samples, trajectories = sample_run(model, sampler, config, store, resume, task)
         advance = task(f"metrics {sampler}", 1)
-        runs[sampler] = run_metrics(model, empirical, train_dev, samples, trajectories, config, features)
+        runs[sampler] = run_metrics(model, empirical, train_dev, samples, trajectories, config, features, index)
         advance(1)
         all_samples[sampler] = samples
     sections = global_metrics(model, empirical, train_dev, all_samples, config, task)

@@ -41,14 +41,23 @@ def embed(images: Tensor, features: Optional[Features], batch_size: int = 256) -
     return torch.cat(out)
 
 
+def training_index(train: Tensor, features: Optional[Features] = None, batch_size: int = 256) -> NeighborIndex:
+    """The neighbour index of the (embedded) training images, to reuse across nn_ratios calls."""
+    if train.shape[0] < 2:
+        raise UserError("the NN ratio needs at least 2 training images")
+    return NeighborIndex(embed(train, features, batch_size))
+
+
 def nn_ratios(samples: Tensor, train: Tensor, features: Optional[Features] = None,
-              batch_size: int = 256) -> NNResult:
-    """ratio_n = d1_n / d2_n with d_j the L2 distance to the j-th nearest training image (0 if d1 = d2 = 0)."""
+              batch_size: int = 256, index: Optional[NeighborIndex] = None) -> NNResult:
+    """ratio_n = d1_n / d2_n with d_j the L2 distance to the j-th nearest training image (0 if d1 = d2 = 0).
+
+    `index` (from training_index(train, features)) saves re-embedding and re-indexing the training set."""
     if train.shape[0] < 2:
         raise UserError("the NN ratio needs at least 2 training images")
     if samples.shape[0] == 0:
         raise UserError("the NN ratio needs at least 1 sample")
-    index = NeighborIndex(embed(train, features, batch_size))
+    index = index if index is not None else training_index(train, features, batch_size)
     dist, idx = index.search(embed(samples, features, batch_size), 2)
     d1, d2 = dist[:, 0], dist[:, 1]
     ratio = torch.where(d2 > 0, d1 / torch.where(d2 > 0, d2, torch.ones_like(d2)), torch.zeros_like(d1))
