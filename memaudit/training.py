@@ -64,9 +64,8 @@ def sample_sigmas(n: int, config: TrainConfig, generator: torch.Generator, lo: f
     return log_sigma.exp().clamp(lo, hi)
 
 
-def edm_loss(denoiser: NetworkDenoiser, x0: Tensor, noise: Tensor, sigma: Tensor, target: Tensor) -> Tensor:
-    """Mean over the batch of lambda(sigma) * ||D(x0 + sigma n, sigma) - target||^2 / d."""
-    x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
+def edm_loss(denoiser: NetworkDenoiser, x: Tensor, sigma: Tensor, target: Tensor) -> Tensor:
+    """Mean over the batch of lambda(sigma) * ||D(x, sigma) - target||^2 / d, with x = x0 + sigma n."""
     err = (denoiser(x, sigma) - target) ** 2
     weight = edm_weight(sigma, denoiser.schedule.sigma_data)
     return (weight * err.flatten(1).mean(1)).mean()
@@ -96,8 +95,9 @@ class Trainer:
         sigma = sample_sigmas(cfg.batch_size, cfg, self.generator, self.model.sigma_min, self.model.sigma_max)
         noise = torch.randn(x0.shape, generator=self.generator).to(device)
         sigma = sigma.to(device=device, dtype=x0.dtype)
-        target = x0 if self.target_fn is None else self.target_fn(x0, x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma)
-        loss = edm_loss(self.model, x0, noise, sigma, target.detach())
+        x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
+        target = x0 if self.target_fn is None else self.target_fn(x0, x, sigma)
+        loss = edm_loss(self.model, x, sigma, target.detach())
         if not torch.isfinite(loss):
             raise UserError(f"training diverged at step {self.step} (loss {loss.item()}); lower --lr")
         for group in self.opt.param_groups:
