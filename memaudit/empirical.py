@@ -84,9 +84,8 @@ class EmpiricalDenoiser(Denoiser):
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
-        if self.k is not None:
-            return self._knn_denoise(xf, sigma).reshape(x.shape).to(x.dtype)
-        out, _ = self._stream(xf, as_sigma(sigma, xf))
+        sigma = as_sigma(sigma, xf)
+        out = self._knn_denoise(xf, sigma) if self.k is not None else self._stream(xf, sigma)[0]
         return out.reshape(x.shape).to(x.dtype)
 
     def _stream(self, xf: Tensor, sigma: Tensor, v: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -135,12 +134,15 @@ class EmpiricalDenoiser(Denoiser):
             best_idx = cand.gather(1, pos)
         return TopK(best_val, best_idx)
 
-    def _knn_denoise(self, xf: Tensor, sigma: Tensor) -> Tensor:
-        """D* restricted to the k nearest points, with exact distances recomputed on the neighbours."""
-        sigma = as_sigma(sigma, xf)
+    def _knn(self, xf: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """Weights (B, k) and points (B, k, d) of the k nearest training points (exact distances on them)."""
         idx = self.topk(xf, sigma, self.k).indices
-        weights = self.knn_weights(xf, sigma, idx)
-        return torch.einsum("bk,bkd->bd", weights, self.points[idx])
+        return self.knn_weights(xf, sigma, idx), self.points[idx]
+
+    def _knn_denoise(self, xf: Tensor, sigma: Tensor) -> Tensor:
+        """D* restricted to the k nearest points: sum_j w_j x_(j)."""
+        w, pts = self._knn(xf, sigma)
+        return torch.einsum("bk,bkd->bd", w, pts)
 
     def knn_weights(self, xf: Tensor, sigma: Tensor, idx: Tensor) -> Tensor:
         """softmax over the given neighbours of -||x - x_i||^2 / (2 v), distances computed directly."""
@@ -154,9 +156,7 @@ class EmpiricalDenoiser(Denoiser):
         vf = v.reshape(v.shape[0], -1).to(self.points.dtype)
         sigma = as_sigma(sigma, xf)
         if self.k is not None:
-            idx = self.topk(xf, sigma, self.k).indices
-            w = self.knn_weights(xf, sigma, idx)
-            pts = self.points[idx]
+            w, pts = self._knn(xf, sigma)
             mean = torch.einsum("bk,bkd->bd", w, pts)
             second = torch.einsum("bk,bkd->bd", w * torch.einsum("bkd,bd->bk", pts, vf), pts)
         else:
@@ -169,8 +169,7 @@ class EmpiricalDenoiser(Denoiser):
         xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
         sigma = as_sigma(sigma, xf)
         if self.k is not None:
-            idx = self.topk(xf, sigma, self.k).indices
-            w, pts = self.knn_weights(xf, sigma, idx), self.points[idx]
+            w, pts = self._knn(xf, sigma)
         else:
             logits = self.chunk_logits(xf, 0, self.num_points, self.inverse_scale(xf, sigma))
             w, pts = torch.softmax(logits, 1), self.points.expand(xf.shape[0], -1, -1)
