@@ -76,10 +76,17 @@ class NetworkDenoiser(Denoiser):
         self.net = net
         self.param = param
         self.schedule = schedule
-        self.sigma_min = schedule.sigma_min
-        self.sigma_max = schedule.sigma_max
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.fixed_noise_input = fixed_noise_input
+
+    @property
+    def sigma_min(self) -> float:
+        """The valid sigma range is the schedule's (one source of truth, also after set_sigma_range)."""
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
 
     def network_inputs(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(x_in, noise_in) that the wrapped network expects for EDM input x at noise level sigma."""

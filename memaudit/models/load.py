@@ -162,7 +162,6 @@ def load_native_checked(path: Path, device: str | torch.device, *, factory: Opti
     if sigma_min is not None or sigma_max is not None:
         check_within(sigma_min, sigma_max, denoiser.sigma_min, denoiser.sigma_max, f"recorded in {path}")
         set_sigma_range(denoiser.schedule, sigma_min, sigma_max)
-        denoiser.sigma_min, denoiser.sigma_max = denoiser.schedule.sigma_min, denoiser.schedule.sigma_max
     denoiser.schedule.round_timesteps = denoiser.schedule.round_timesteps or bool(round_timesteps)
     return denoiser
 
