@@ -1,33 +1,69 @@
 """Training images from folders (PNG/JPEG, recursive) or .npy/.npz arrays -> float tensors in [-1, 1].
 
-Value conventions: uint8 arrays and image files are in [0, 255]; float arrays in [0, 1] are mapped with
-x * 2 - 1, float arrays already in [-1, 1] are kept, other floats in [0, 255] are divided by 127.5 and
-shifted. Layouts: (N, H, W), (N, H, W, C) and (N, C, H, W) with C in {1, 3}.
+Value ranges are never guessed from a narrow span: uint8 arrays and 8-bit image files are [0, 255], uint16 and
+16-bit image files [0, 65535], bool [0, 1]; float arrays are read as [0, 1] when every value lies in it, as
+[-1, 1] when they dip below 0 but stay within it, as [0, 255] when their maximum is above 127 and at most 255;
+anything else (say floats 0..16) is refused unless `value_range` (CLI: --value-range LO,HI) says what the
+extremes mean.  The reading is recorded (Dataset.value_range) so the report can show it.  Layouts: (N, H, W),
+(N, H, W, C) and (N, C, H, W) with C in {1, 3}.
 """
 
 from __future__ import annotations
 
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
+from memaudit.resources import check_fits
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 ARRAY_KEYS = ("images", "x", "data", "arr_0")
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Memory a dataset of B bytes (float32) takes while a scan runs: the tensor, the neighbour index, and temporaries.
+WORKING_COPIES = 3
+
+
+@dataclass
+class Dataset:
+    """Images (N, C, H, W) in [-1, 1] and how their values were read, e.g. 'uint8 [0, 255]'."""
+
+    images: Tensor
+    value_range: str
+
+
+def parse_value_range(text: Optional[str]) -> Optional[tuple[float, float]]:
+    """'LO,HI' -> (lo, hi) with lo < hi finite; None stays None."""
+    if text is None:
+        return None
+    parts = text.replace(" ", "").split(",")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise UserError(f"--value-range must be LO,HI (two numbers, e.g. 0,255), not {text!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise UserError(f"--value-range needs finite LO < HI, not {text!r}")
+    return lo, hi
 
 
 def load_images(path: str | Path, resize: Optional[int] = None, channels: Optional[int] = None,
-                limit: Optional[int] = None) -> Tensor:
-    """Load a dataset as a float32 tensor (N, C, H, W) in [-1, 1].
+                limit: Optional[int] = None, value_range: Optional[tuple[float, float]] = None) -> Tensor:
+    """load_dataset(...).images: a float32 tensor (N, C, H, W) in [-1, 1]."""
+    return load_dataset(path, resize, channels, limit, value_range).images
 
-    resize: square side length to resize every image to (bilinear/antialiased); channels: 1 or 3 to force.
-    """
+
+def load_dataset(path: str | Path, resize: Optional[int] = None, channels: Optional[int] = None,
+                 limit: Optional[int] = None, value_range: Optional[tuple[float, float]] = None) -> Dataset:
+    """Load a dataset; resize: square side to resize every image to (bilinear, antialiased); channels: 1 or 3."""
     path = Path(path)
     if channels not in (None, 1, 3):
         raise UserError(f"--channels must be 1 or 3, not {channels}")
@@ -38,27 +74,46 @@ def load_images(path: str | Path, resize: Optional[int] = None, channels: Option
     if not path.exists():
         raise UserError(f"data not found: {path}")
     if path.is_dir():
-        images = _load_folder(path, resize, channels, limit)
+        dataset = _load_folder(path, resize, channels, limit, value_range)
     elif path.suffix.lower() in (".npy", ".npz"):
-        images = _load_array_file(path, resize, channels, limit)
+        dataset = _load_array_file(path, resize, channels, limit, value_range)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
-        images = _stack_pil([_open_image(path)], resize, channels)
+        dataset = _stack_pil([_open_image(path)], resize, channels, value_range)
     else:
         raise UserError(f"unsupported data file {path}: use a folder of images or a .npy/.npz array")
-    if not torch.isfinite(images).all():
+    if not torch.isfinite(dataset.images).all():
         raise UserError(f"{path} contains NaN or infinite values")
-    return images
+    return dataset
 
 
-def _load_folder(folder: Path, resize, channels, limit) -> Tensor:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def check_memory(count: int, shape: Sequence[int], name: str, resize: Optional[int], channels: Optional[int]) -> None:
+    """UserError before loading when `count` images of `shape` (C, H, W) will not fit in memory during a scan."""
+    c, h, w = shape
+    if channels is not None:
+        c = channels
+    if resize is not None:
+        h = w = resize
+    needed = WORKING_COPIES * 4.0 * count * c * h * w
+    check_fits(needed, f"{name} ({count} images of {c}x{h}x{w}, held as float32 with its neighbour index)",
+               "use --limit N to audit a subset")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _load_folder(folder: Path, resize, channels, limit, value_range) -> Dataset:
+    files = image_files(folder)
     if not files:
         arrays = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".npy", ".npz"))
         hint = f"; it holds arrays: pass one of them, e.g. {folder / arrays[0]}" if arrays else ""
         raise UserError(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
     if limit is not None:
         files = files[:limit]
-    return _stack_pil([_open_image(f) for f in files], resize, channels)
+    first = _open_image(files[0])
+    check_memory(len(files), (len(first.getbands()), first.height, first.width), str(folder), resize, channels)
+    return _stack_pil([first] + [_open_image(f) for f in files[1:]], resize, channels, value_range)
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -67,36 +122,107 @@ def _open_image(path: Path) -> Image.Image:
             img.load()
             return img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc.__class__.__name__}") from None
+        raise UserError(f"cannot read image {path}: {first_lines(exc, with_type=True)}") from None
 
 
-def _stack_pil(images: list[Image.Image], resize, channels) -> Tensor:
+def _pil_array(img: Image.Image, channels: int) -> np.ndarray:
+    """An image as uint8 (H, W, C), or as float32 in [0, 1] for 16-bit and float modes (scaled, never clipped)."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise UserError(f"a {img.mode} image holds values outside [0, 65535]")
+        gray = (values / 65535.0).astype(np.float32)[..., None]
+        return gray if channels == 1 else np.repeat(gray, 3, axis=2)
+    if img.mode == "F":
+        gray = np.asarray(img, dtype=np.float32)
+        if gray.min() < 0 or gray.max() > 1:
+            raise UserError(f"a floating-point (mode F) image holds values outside [0, 1]; convert it to 8 or 16 bits")
+        gray = gray[..., None]
+        return gray if channels == 1 else np.repeat(gray, 3, axis=2)
+    arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _stack_pil(images: list[Image.Image], resize, channels, value_range) -> Dataset:
+    if value_range is not None:
+        raise UserError("--value-range applies to .npy/.npz arrays; image files carry their own bit depth")
     if channels is None:
-        channels = 1 if all(img.mode in ("1", "L", "I", "I;16", "F") for img in images) else 3
-    mode = "L" if channels == 1 else "RGB"
-    arrays = [np.asarray(img.convert(mode), dtype=np.uint8) for img in images]
+        channels = 1 if all(img.mode in ("1", "L", "F") + SIXTEEN_BIT_MODES for img in images) else 3
+    arrays = [_pil_array(img, channels) for img in images]
+    wide = any(a.dtype != np.uint8 for a in arrays)
+    if wide:
+        arrays = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
+    reading = "16-bit images [0, 65535] and 8-bit [0, 255]" if wide else "8-bit images [0, 255]"
+    unit = (0.0, 1.0) if wide else None
     if resize is not None:  # one image at a time (sizes may differ), the same way arrays are resized
-        return torch.cat([array_to_images(a[None], resize=resize) for a in arrays])
+        return Dataset(torch.cat([array_to_images(a[None], resize=resize, value_range=unit) for a in arrays]),
+                       reading)
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         example = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
         raise UserError(f"images have different sizes ({example}); pass --resize N to resize them all")
-    return array_to_images(np.stack(arrays))
+    return Dataset(array_to_images(np.stack(arrays), value_range=unit), reading)
 
 
-def _load_array_file(path: Path, resize, channels, limit) -> Tensor:
+def _check_magic(path: Path) -> None:
+    """UserError naming what the file is when it does not start like a .npy / .npz file."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise UserError(f"cannot read array file {path}: {exc.strerror or exc}") from None
+    if head.startswith(NPY_MAGIC) or head.startswith(ZIP_MAGIC):
+        return
+    kind = "it is empty" if not head else ("it looks like text" if all(32 <= b < 127 or b in (9, 10, 13)
+                                                                       for b in head) else "unknown format")
+    expected = "NumPy's .npy header" if path.suffix.lower() == ".npy" else "a zip archive (.npz)"
+    raise UserError(f"{path} is not a NumPy array file: it does not start with {expected} ({kind})")
+
+
+def _array_header(path: Path) -> Optional[tuple[int, ...]]:
+    """The array's shape from its file header (no data read), or None if it cannot be told."""
+    try:
+        if path.suffix.lower() == ".npy":
+            return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(".npy")]
+            keys = [n[:-4] for n in names]
+            key = next((k for k in ARRAY_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                return None
+            with archive.open(key + ".npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                shape, _, _ = np.lib.format._read_array_header(fh, version)
+                return tuple(shape)
+    except Exception:  # noqa: BLE001 - the full read below reports what is wrong
+        return None
+
+
+def _load_array_file(path: Path, resize, channels, limit, value_range) -> Dataset:
+    _check_magic(path)
+    shape = _array_header(path)
+    if shape is not None and len(shape) in (3, 4) and shape[0] > 0:
+        count = min(shape[0], limit) if limit is not None else shape[0]
+        layout = (1, *shape[1:]) if len(shape) == 3 else (shape[1:] if shape[1] in (1, 3) else
+                                                           (shape[3], shape[1], shape[2]))
+        check_memory(count, layout, str(path), resize, channels)
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise UserError(f"cannot read array file {path}: {exc}") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            array = _pick_npz_array(loaded, path)
-    else:
-        array = loaded
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                array = _pick_npz_array(loaded, path)
+        else:
+            array = loaded
+    except UserError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, zlib.error, EOFError, KeyError) as exc:
+        reason = first_lines(exc, with_type=True)
+        if "pickle" in reason.lower() or "object arrays" in reason.lower():
+            reason = "it holds Python objects (an object array), not numbers"
+        raise UserError(f"cannot read array file {path}: {reason}") from None
     if limit is not None:
         array = array[:limit]
-    return array_to_images(array, resize=resize, channels=channels, name=str(path))
+    return array_to_dataset(array, resize=resize, channels=channels, name=str(path), value_range=value_range)
 
 
 def _pick_npz_array(npz, path: Path) -> np.ndarray:
@@ -110,9 +236,17 @@ def _pick_npz_array(npz, path: Path) -> np.ndarray:
 
 
 def array_to_images(array: np.ndarray, resize: Optional[int] = None, channels: Optional[int] = None,
-                    name: str = "array") -> Tensor:
+                    name: str = "array", value_range: Optional[tuple[float, float]] = None) -> Tensor:
     """Convert an image array (any supported layout and value range) to (N, C, H, W) in [-1, 1]."""
+    return array_to_dataset(array, resize, channels, name, value_range).images
+
+
+def array_to_dataset(array: np.ndarray, resize: Optional[int] = None, channels: Optional[int] = None,
+                     name: str = "array", value_range: Optional[tuple[float, float]] = None) -> Dataset:
+    """array_to_images, with the value range the array was read in."""
     array = np.asarray(array)
+    if np.iscomplexobj(array):
+        raise UserError(f"{name}: expected real image values, got a complex array ({array.dtype})")
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise UserError(f"{name}: expected a numeric image array, got dtype {array.dtype}")
     nchw = _to_nchw(array, name)
@@ -120,13 +254,13 @@ def array_to_images(array: np.ndarray, resize: Optional[int] = None, channels: O
         raise UserError(f"{name} holds no images")
     if min(nchw.shape[2:]) == 0:
         raise UserError(f"{name}: images have zero size {nchw.shape[2]}x{nchw.shape[3]}")
-    values = _to_unit_range(nchw, name)
-    images = _to_tensor(values)
+    values, reading = _to_unit_range(nchw, name, value_range)
+    images = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
     if channels is not None and images.shape[1] != channels:
         images = images.mean(1, keepdim=True) if channels == 1 else images.expand(-1, 3, -1, -1).contiguous()
     if resize is not None and tuple(images.shape[-2:]) != (resize, resize):
         images = resize_images(images, resize)
-    return images
+    return Dataset(images, reading)
 
 
 def resize_images(images: Tensor, size: int) -> Tensor:
@@ -145,26 +279,47 @@ def _to_nchw(array: np.ndarray, name: str) -> np.ndarray:
     raise UserError(f"{name}: cannot read image layout {array.shape}; use (N,H,W), (N,H,W,C) or (N,C,H,W), C in 1,3")
 
 
-def _to_unit_range(array: np.ndarray, name: str) -> np.ndarray:
-    """Map values to [-1, 1] by the module's value conventions."""
+def _rescale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """(values - lo) / (hi - lo) * 2 - 1 in float32, in place where possible."""
+    out = values.astype(np.float32) if values.dtype != np.float32 else values.copy()
+    out -= np.float32(lo)
+    out *= np.float32(2.0 / (hi - lo))
+    out -= np.float32(1.0)
+    return out
+
+
+def _to_unit_range(array: np.ndarray, name: str, value_range: Optional[tuple[float, float]]) -> tuple[np.ndarray, str]:
+    """Map values to [-1, 1] by the module's value conventions; returns the values and how they were read."""
+    if value_range is not None:
+        lo, hi = value_range
+        vmin, vmax = float(array.min()), float(array.max())
+        if not (np.isfinite(vmin) and np.isfinite(vmax)):
+            raise UserError(f"{name} contains NaN or infinite values")
+        if vmin < lo or vmax > hi:
+            raise UserError(f"{name}: values span [{vmin:g}, {vmax:g}], outside --value-range {lo:g},{hi:g}")
+        return _rescale(array, lo, hi), f"{array.dtype} [{lo:g}, {hi:g}] (--value-range)"
     if array.dtype == np.uint8:
-        return array.astype(np.float32) / 127.5 - 1.0
+        return array.astype(np.float32) / 127.5 - 1.0, "uint8 [0, 255]"
+    if array.dtype == np.uint16:
+        return _rescale(array, 0.0, 65535.0), "uint16 [0, 65535]"
+    if array.dtype == bool:
+        return _rescale(array.astype(np.float32), 0.0, 1.0), "bool [0, 1]"
     with np.errstate(over="ignore"):  # values beyond float32 become inf and are rejected just below
         values = array.astype(np.float32)
     if not np.isfinite(values).all():
         raise UserError(f"{name} contains NaN or infinite values")
     lo, hi = float(values.min()), float(values.max())
-    if lo >= 0.0 and hi <= 1.0:
-        return values * 2.0 - 1.0
-    if lo >= -1.0 and hi <= 1.0:
-        return values
-    if lo >= 0.0 and hi <= 255.0:
-        return values / 127.5 - 1.0
-    raise UserError(f"{name}: values span [{lo:g}, {hi:g}]; expected [0, 1], [-1, 1] or [0, 255]")
-
-
-def _to_tensor(values: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    integer = np.issubdtype(array.dtype, np.integer)
+    if not integer and lo >= 0.0 and hi <= 1.0:
+        return _rescale(values, 0.0, 1.0), f"{array.dtype} [0, 1]"
+    if not integer and lo >= -1.0 and hi <= 1.0:
+        return values, f"{array.dtype} [-1, 1]"
+    if lo >= 0.0 and 127.0 < hi <= 255.0:
+        return _rescale(values, 0.0, 255.0), f"{array.dtype} [0, 255]"
+    known = ("integers are read as [0, 255] only when their maximum is above 127" if integer
+             else "which is not [0, 1], [-1, 1] or [0, 255]")
+    raise UserError(f"{name}: {array.dtype} values span [{lo:g}, {hi:g}], {known}; say what the extremes mean "
+                    f"with --value-range LO,HI (e.g. --value-range 0,{hi:g})")
 
 
 def to_uint8(images: Tensor) -> np.ndarray:

@@ -66,9 +66,16 @@ def check_shape(denoiser: Denoiser, shape: Sequence[int]) -> None:
 
     expected = denoiser.image_shape
     if expected is not None and tuple(shape) != tuple(expected):
+        if tuple(shape[1:]) == tuple(expected[1:]) and expected[0] in (1, 3):
+            fix = f"pass --channels {expected[0]}"
+        elif shape[0] == expected[0] and expected[1] == expected[2]:
+            fix = f"pass --resize {expected[1]}"
+        else:
+            fix = f"pass --channels {expected[0]} --resize {expected[1]}" if expected[1] == expected[2] \
+                else "use matching data"
         raise UserError(
             f"image shape mismatch: the model expects {fmt_shape(expected)} (CxHxW) but the data is "
-            f"{fmt_shape(shape)}; pass --resize H or use matching data"
+            f"{fmt_shape(shape)}; {fix}"
         )
 
 

@@ -9,6 +9,7 @@ matrix is ever held when M is large.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +20,7 @@ from memaudit.denoiser import Denoiser, as_sigma
 from memaudit.errors import UserError
 
 DEFAULT_CHUNK = 4096
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6  # beyond these sigma^2 T under- or overflows float32
 
 
 @dataclass
@@ -42,12 +44,15 @@ class EmpiricalDenoiser(Denoiser):
         super().__init__()
         if train.ndim != 4 or train.shape[0] == 0:
             raise UserError("the empirical model needs a non-empty training set of shape (M, C, H, W)")
-        if not temperature > 0:
-            raise UserError(f"temperature must be > 0, not {temperature}")
+        if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+            raise UserError(f"temperature T must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                            f"not {temperature}")
         if k is not None and k < 1:
             raise UserError(f"k must be >= 1, not {k}")
-        if bandwidth is not None and not bandwidth >= 0:
-            raise UserError(f"bandwidth h must be >= 0, not {bandwidth}")
+        if bandwidth is not None and not (math.isfinite(bandwidth) and 0 <= bandwidth <= MAX_TEMPERATURE):
+            raise UserError(f"bandwidth h must be a number in [0, {MAX_TEMPERATURE:g}], not {bandwidth}")
+        if chunk_size < 1:
+            raise UserError(f"chunk must be >= 1 training images per chunk, not {chunk_size}")
         self.bandwidth = float(bandwidth) if bandwidth else None
         self.image_shape = tuple(train.shape[1:])
         self.temperature = float(temperature)
@@ -192,6 +197,8 @@ def parse_empirical_spec(spec: str) -> dict:
         if not eq or key.strip().lower() not in keys:
             raise UserError(f"bad empirical option {item!r} in {spec!r}; use e.g. empirical:T=2,k=64,h=0.5")
         field, cast = keys[key.strip().lower()]
+        if field in out:
+            raise UserError(f"{spec!r} sets {field} twice; give each option once")
         try:
             out[field] = cast(value)
         except ValueError:

@@ -13,3 +13,12 @@ def first_lines(exc: BaseException, n: int = 1, with_type: bool = False) -> str:
     if with_type:
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text or type(exc).__name__
+
+
+_CONTROL = {i: f"\\x{i:02x}" for i in list(range(32)) + [127]}
+
+
+def printable(text: object) -> str:
+    """str(text) with control characters (newlines, escapes, ...) written as \\xNN, so a file name cannot break
+    a one-line message or drive the terminal."""
+    return str(text).translate(_CONTROL)

@@ -51,6 +51,28 @@ class NeighborIndex:
             return torch.empty((0, k)), torch.empty((0, k), dtype=torch.long)
         return torch.from_numpy(np.concatenate(dists)), torch.from_numpy(np.concatenate(idxs))
 
+    def points(self, start: int, stop: int) -> np.ndarray:
+        """Indexed points start:stop as a float32 array (a copy)."""
+        return self.index.reconstruct_n(start, stop - start)
+
+    def pairs_within(self, queries: np.ndarray, radius: float) -> list[tuple[int, int]]:
+        """(query row, point index) pairs with ||q - p|| <= radius, distances checked exactly.
+
+        faiss's range search proposes candidates within a padded radius (its ||q||^2 - 2 q.p + ||p||^2 rounds;
+        exact copies may come out slightly positive); each candidate is kept only if its exact distance fits.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scale = float(np.einsum("nd,nd->n", queries, queries, dtype=np.float64).max(initial=0.0))
+        padded = radius * radius * 1.02 + 1e-5 * (1.0 + scale)
+        lims, _, idx = self.index.range_search(queries, padded)
+        rows = np.repeat(np.arange(queries.shape[0]), np.diff(lims.astype(np.int64)))
+        if len(idx) == 0:
+            return []
+        diff = queries[rows] - self.index.reconstruct_batch(idx)
+        dist = np.sqrt(np.einsum("nd,nd->n", diff, diff, dtype=np.float64))
+        keep = dist <= radius
+        return list(zip(rows[keep].tolist(), idx[keep].astype(np.int64).tolist()))
+
     def _search_batch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """faiss search, then exact distances to the k candidates and a stable re-sort."""
         _, idx = self.index.search(q, k)

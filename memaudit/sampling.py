@@ -1,15 +1,19 @@
-"""Sigma schedules and samplers, written against the denoiser interface D(x, sigma) only.
+"""Sigma schedules and a table of samplers, written against the denoiser interface D(x, sigma) only.
 
-Probability-flow ODE: dx/dsigma = (x - D(x, sigma)) / sigma.  Reverse VE SDE (Euler-Maruyama):
-x' = x + (sigma^2 - sigma'^2) * score + sqrt(sigma^2 - sigma'^2) * z.  All samplers are seeded and
-deterministic for a given (seed, batch size, device).
+Every sampler is one function `f(denoiser, x, sigmas, noise, callback)` in the style of k-diffusion's
+`sampling.py`: `x` is the starting point at sigmas[0], `sigmas` the descending schedule ending in 0,
+`noise(x)` draws standard normal noise shaped like x (unused by ODE samplers), and `callback(i, sigma, x,
+denoised)` sees every step.  Probability-flow ODE: dx/dsigma = (x - D(x, sigma)) / sigma.  Every sampler ends
+with a denoising step (the step to sigma = 0 returns D(x, sigma_min)).  `sample()` batches, seeds and resumes;
+all noise comes from one CPU generator, so results do not depend on the device.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from functools import partial
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -17,16 +21,20 @@ from torch import Tensor
 from memaudit.denoiser import Denoiser, clip_sigma_range
 from memaudit.errors import UserError
 
-SAMPLERS = ("heun", "euler", "sde", "edm-sde", "ddpm")
-ODE_SAMPLERS = ("heun", "euler")
 # callback(step index, sigma, x at that sigma, D(x, sigma))
 StepCallback = Callable[[int, float, Tensor, Tensor], None]
+# noise(x) -> standard normal noise shaped like x
+NoiseFn = Callable[[Tensor], Tensor]
+
+DEFAULT_SIGMA_MIN = 0.002
+DEFAULT_SIGMA_MAX = 80.0
 
 
-def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+def karras_sigmas(steps: int, sigma_min: float = DEFAULT_SIGMA_MIN, sigma_max: float = DEFAULT_SIGMA_MAX,
+                  rho: float = 7.0) -> Tensor:
     """sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < n, then a final 0 (float64)."""
     if steps < 1:
-        raise UserError(f"--steps must be >= 1, not {steps}")
+        raise UserError(f"the number of sampling steps must be >= 1, not {steps}")
     if not 0 < sigma_min <= sigma_max:
         raise UserError(f"invalid sigma range [{sigma_min}, {sigma_max}]")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
@@ -35,173 +43,268 @@ def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
+def _denoise(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
+    return denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
+
+
+def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    """The probability-flow ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma."""
+    return (x - denoised) / sigma
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+
+@torch.no_grad()
+def euler(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: Optional[NoiseFn] = None,
+          callback: Optional[StepCallback] = None) -> Tensor:
+    """Euler steps of the probability-flow ODE: x' = x + (s' - s) (x - D(x, s)) / s (Karras et al. 2022)."""
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = _denoise(denoiser, x, s)
+        if callback is not None:
+            callback(i, s, x, denoised)
+        x = x + (s_next - s) * to_d(x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def heun(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: Optional[NoiseFn] = None,
+         callback: Optional[StepCallback] = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+         s_tmax: float = math.inf, s_noise: float = 1.0) -> Tensor:
+    """EDM Heun steps (Karras et al. 2022, Algorithm 1; with s_churn > 0 the stochastic Algorithm 2)."""
+    steps = len(sigmas) - 1
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        # Increase noise temporarily: s_hat = s (1 + gamma).
+        gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_churn > 0 and s_tmin <= s <= s_tmax else 0.0
+        if gamma > 0:
+            s_hat = s * (1 + gamma)
+            x = x + math.sqrt(s_hat**2 - s**2) * s_noise * noise(x)
+            s = s_hat
+        denoised = _denoise(denoiser, x, s)
+        if callback is not None:
+            callback(i, s, x, denoised)
+        # Euler step, then the 2nd-order correction (trapezoid) unless the step ends at sigma = 0.
+        d_cur = to_d(x, s, denoised)
+        x_next = x + (s_next - s) * d_cur
+        if s_next > 0:
+            d_next = to_d(x_next, s_next, _denoise(denoiser, x_next, s_next))
+            x_next = x + (s_next - s) * 0.5 * (d_cur + d_next)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn,
+                 callback: Optional[StepCallback] = None, eta: float = 1.0) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022; k-diffusion's sample_dpmpp_2m_sde, midpoint), the reverse SDE.
+
+    With h = ln(s / s'): x' = (s'/s) e^(-eta h) x + (1 - e^(-(1+eta) h)) D + second-order correction
+    + s' sqrt(1 - e^(-2 eta h)) z.  The injected noise keeps x at exactly noise level s' for any step size
+    (Euler-Maruyama injects s^2 - s'^2, which leaves residual noise at coarse steps); the last step is D.
+    """
+    old_denoised, h_last = None, None
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = _denoise(denoiser, x, s)
+        if callback is not None:
+            callback(i, s, x, denoised)
+        if s_next == 0:  # final denoising step
+            x = denoised
+            continue
+        h = math.log(s / s_next)
+        eta_h = eta * h
+        x = (s_next / s) * math.exp(-eta_h) * x + (-math.expm1(-h - eta_h)) * denoised
+        if old_denoised is not None:
+            r = h_last / h
+            x = x + 0.5 * (-math.expm1(-h - eta_h)) * (1 / r) * (denoised - old_denoised)
+        if eta:
+            x = x + noise(x) * s_next * math.sqrt(-math.expm1(-2 * eta_h))
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@torch.no_grad()
+def ancestral(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn,
+              callback: Optional[StepCallback] = None, eta: float = 1.0) -> Tensor:
+    """DDPM ancestral steps (Ho et al. 2020; k-diffusion's sample_euler_ancestral): the posterior
+    q(x_s' | x_s, D): s_up = min(s', eta s' sqrt(1 - s'^2/s^2)), s_down = sqrt(s'^2 - s_up^2), Euler to s_down,
+    add s_up z; the last step is D."""
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = _denoise(denoiser, x, s)
+        if callback is not None:
+            callback(i, s, x, denoised)
+        if s_next == 0:
+            x = denoised
+            continue
+        s_up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
+        s_down = math.sqrt(s_next**2 - s_up**2)
+        x = x + (s_down - s) * to_d(x, s, denoised)
+        x = x + s_up * noise(x)
+    return x
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A table entry: the function, whether it draws noise, and one line for --help and the docs."""
+
+    fn: Callable[..., Tensor]
+    stochastic: bool
+    summary: str
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "heun": Sampler(heun, False, "EDM Heun, 2nd-order ODE (Karras et al. 2022, Alg. 1)"),
+    "euler": Sampler(euler, False, "Euler, 1st-order ODE"),
+    "sde": Sampler(dpmpp_2m_sde, True, "reverse SDE, DPM-Solver++(2M) SDE (Lu et al. 2022)"),
+    "edm-sde": Sampler(partial(heun, s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003), True,
+                       "EDM stochastic Heun, S_churn 40 (Karras et al. 2022, Alg. 2)"),
+    "ddpm": Sampler(ancestral, True, "DDPM ancestral, eta 1 (Ho et al. 2020)"),
+}
+
+
+def check_sampler(name: str) -> Sampler:
+    """The table entry of `name`, or a UserError listing the choices."""
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+# --------------------------------------------------------------------------------------------- schedules
+
 @dataclass
 class SamplerConfig:
-    """What to sample with: sampler name, steps, sigma range (clipped to the model's), SDE settings."""
+    """What to sample with: sampler name, steps and the Karras schedule's sigma range (clipped to the model's)."""
 
     sampler: str = "heun"
     steps: int = 18
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float = DEFAULT_SIGMA_MIN
+    sigma_max: float = DEFAULT_SIGMA_MAX
     rho: float = 7.0
-    s_churn: float = 40.0
-    s_tmin: float = 0.05
-    s_tmax: float = 50.0
-    s_noise: float = 1.003
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(self.sampler)
 
-    def sigmas_for(self, denoiser: Denoiser) -> Tensor:
-        """The Karras schedule clipped to the denoiser's valid sigma range."""
+    def sigma_range(self, denoiser: Denoiser) -> tuple[float, float]:
+        """[sigma_min, sigma_max] intersected with the denoiser's valid range (UserError if empty)."""
         lo, hi = clip_sigma_range(denoiser, self.sigma_min, self.sigma_max)
         if lo >= hi:
             raise UserError(
                 f"sigma range [{self.sigma_min:g}, {self.sigma_max:g}] does not overlap the model's valid range "
                 f"[{denoiser.sigma_min:g}, {denoiser.sigma_max:g}]")
+        return lo, hi
+
+    def sigmas_for(self, denoiser: Denoiser) -> Tensor:
+        """The Karras schedule over sigma_range(denoiser), ending in 0."""
+        lo, hi = self.sigma_range(denoiser)
         return karras_sigmas(self.steps, lo, hi, self.rho)
 
 
-def _denoise(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
-    return denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
+# ------------------------------------------------------------------------------------- batches and resume
+
+class NonFiniteSamples(UserError):
+    """The model produced NaN or inf while sampling: a one-line error (exit 2), never a 'perfect copy'."""
 
 
-def euler_step(denoiser: Denoiser, x: Tensor, s_cur: float, s_next: float, denoised: Optional[Tensor] = None) -> Tensor:
-    """x' = x + (s' - s) (x - D(x, s)) / s."""
-    denoised = _denoise(denoiser, x, s_cur) if denoised is None else denoised
-    return x + (s_next - s_cur) * (x - denoised) / s_cur
+def cpu_noise(generator: torch.Generator, batch: int, rows: Optional[Tensor] = None) -> NoiseFn:
+    """noise(x): standard normal noise for a batch of `batch` samples drawn on the CPU generator (same numbers
+    on every device); with `rows`, the full batch is drawn and only those rows are returned (to re-run part of
+    a batch exactly)."""
+    def noise(x: Tensor) -> Tensor:
+        z = torch.randn((batch, *x.shape[1:]), generator=generator, dtype=torch.float32)
+        z = z if rows is None else z[rows]
+        return z.to(device=x.device, dtype=x.dtype)
+
+    return noise
 
 
-def heun_step(denoiser: Denoiser, x: Tensor, s_cur: float, s_next: float, denoised: Optional[Tensor] = None) -> Tensor:
-    """EDM Algorithm 1 step: Euler to s', then average slopes (trapezoid) unless s' = 0."""
-    denoised = _denoise(denoiser, x, s_cur) if denoised is None else denoised
-    d_cur = (x - denoised) / s_cur
-    x_next = x + (s_next - s_cur) * d_cur
-    if s_next > 0:
-        d_next = (x_next - _denoise(denoiser, x_next, s_next)) / s_next
-        x_next = x + (s_next - s_cur) * 0.5 * (d_cur + d_next)
-    return x_next
-
-
-def _noise_like(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Standard normal noise drawn on the CPU generator (same numbers on every device)."""
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-
-
-@torch.no_grad()
-def sample_batch(denoiser: Denoiser, noise: Tensor, config: SamplerConfig, generator: torch.Generator,
-                 callback: Optional[StepCallback] = None) -> Tensor:
-    """Run one sampler from unit-variance `noise` (scaled by sigma_max) to sigma = 0."""
+def sample_batch(denoiser: Denoiser, size: int, config: SamplerConfig, generator: torch.Generator,
+                 device: torch.device, callback: Optional[StepCallback] = None,
+                 rows: Optional[Tensor] = None) -> Tensor:
+    """One batch of `size` samples from the generator's current state (only `rows` of it when given)."""
     sigmas = config.sigmas_for(denoiser).tolist()
-    x = noise * sigmas[0]
-    for i, (s_cur, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        if config.sampler == "edm-sde":
-            x, s_cur = _churn(x, s_cur, config, len(sigmas) - 1, generator)
-        denoised = _denoise(denoiser, x, s_cur)
+    noise = cpu_noise(generator, size, rows)
+    x = noise(torch.empty((size if rows is None else len(rows), *denoiser.image_shape), device=device)) * sigmas[0]
+
+    def checked(i: int, sigma: float, x_i: Tensor, denoised: Tensor) -> None:
+        if not (torch.isfinite(x_i).all() and torch.isfinite(denoised).all()):
+            raise NonFiniteSamples(
+                f"the model's output became NaN or infinite while sampling with {config.sampler} at sigma={sigma:.4g} "
+                f"(step {i + 1} of {config.steps}); it cannot be audited there: check its --param/--schedule, or "
+                "narrow the noise range with --sigma-min/--sigma-max")
         if callback is not None:
-            callback(i, s_cur, x, denoised)
-        x = _step(denoiser, x, s_cur, s_next, denoised, config.sampler, generator)
-    return x
+            callback(i, sigma, x_i, denoised)
 
-
-def _step(denoiser, x, s_cur, s_next, denoised, sampler, generator) -> Tensor:
-    if sampler in ("heun", "edm-sde"):
-        return heun_step(denoiser, x, s_cur, s_next, denoised)
-    if sampler == "euler":
-        return euler_step(denoiser, x, s_cur, s_next, denoised)
-    if sampler == "sde":
-        return _euler_maruyama_step(x, s_cur, s_next, denoised, generator)
-    return _ancestral_step(x, s_cur, s_next, denoised, generator)
-
-
-def _euler_maruyama_step(x, s_cur, s_next, denoised, generator) -> Tensor:
-    """Reverse VE SDE: x + (s^2 - s'^2) (D - x)/s^2 + sqrt(s^2 - s'^2) z; the step to 0 returns D."""
-    if s_next == 0:
-        return denoised
-    var = s_cur**2 - s_next**2
-    return x + var * (denoised - x) / s_cur**2 + math.sqrt(var) * _noise_like(x, generator)
-
-
-def _ancestral_step(x, s_cur, s_next, denoised, generator) -> Tensor:
-    """DDPM ancestral (eta = 1): s_up = s' sqrt(1 - s'^2/s^2), s_down = sqrt(s'^2 - s_up^2), Euler to s_down."""
-    if s_next == 0:
-        return denoised
-    s_up = min(s_next, math.sqrt(s_next**2 * (s_cur**2 - s_next**2) / s_cur**2))
-    s_down = math.sqrt(s_next**2 - s_up**2)
-    x = x + (s_down - s_cur) * (x - denoised) / s_cur
-    return x + s_up * _noise_like(x, generator)
-
-
-def _churn(x, s_cur, config: SamplerConfig, n_steps: int, generator) -> tuple[Tensor, float]:
-    """EDM Algorithm 2: raise sigma to s_hat = s (1 + gamma) by adding noise, gamma = min(S_churn/N, sqrt2 - 1)."""
-    gamma = min(config.s_churn / n_steps, math.sqrt(2) - 1) if config.s_tmin <= s_cur <= config.s_tmax else 0.0
-    if gamma == 0:
-        return x, s_cur
-    s_hat = s_cur * (1 + gamma)
-    x = x + math.sqrt(s_hat**2 - s_cur**2) * config.s_noise * _noise_like(x, generator)
-    return x, s_hat
+    out = SAMPLERS[config.sampler].fn(denoiser, x, sigmas, noise, checked)
+    if not torch.isfinite(out).all():
+        raise NonFiniteSamples(f"the model's final samples ({config.sampler}) hold NaN or infinite values")
+    return out
 
 
 @dataclass
 class Trajectory:
-    """Per-step sigma, x and D(x) for a batch, recorded by `record_trajectory` (CPU tensors)."""
+    """Per-step sigma, x and D(x) of the first rows of a batch, recorded as a step callback (CPU tensors)."""
 
     sigmas: list[float] = field(default_factory=list)
     xs: list[Tensor] = field(default_factory=list)
     denoised: list[Tensor] = field(default_factory=list)
+    rows: Optional[int] = None  # record only this many rows of each step (None: all)
 
     def __call__(self, step: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
         self.sigmas.append(float(sigma))
-        self.xs.append(x.detach().cpu())
-        self.denoised.append(denoised.detach().cpu())
+        self.xs.append(x[: self.rows].detach().cpu())
+        self.denoised.append(denoised[: self.rows].detach().cpu())
 
 
 @dataclass
-class SamplingState:
-    """Progress of a batched sampling run: finished batches, recorded trajectories, CPU generator state.
+class Batch:
+    """One finished batch: its samples (CPU), the generator state before and after it, its trajectory."""
 
-    Saving it after each batch and passing it back to `sample` continues the run exactly (resume).
-    """
-
-    batches: list[Tensor] = field(default_factory=list)
-    trajectories: list[Trajectory] = field(default_factory=list)
-    done: int = 0
-    generator_state: Optional[Tensor] = None
+    samples: Tensor
+    generator_before: Tensor
+    generator_after: Tensor
+    trajectory: Optional[Trajectory] = None
 
 
 def sample(denoiser: Denoiser, n: int, config: SamplerConfig, seed: int = 0, batch_size: int = 64,
            device: str | torch.device | None = None, progress: Optional[Callable[[int], None]] = None,
-           record: int = 0, state: Optional[SamplingState] = None,
-           on_batch: Optional[Callable[[SamplingState], None]] = None) -> tuple[Tensor, list[Trajectory]]:
+           record: int = 0, batches: Sequence[Batch] = (),
+           on_batch: Optional[Callable[[Batch], None]] = None) -> tuple[Tensor, list[Trajectory]]:
     """Draw n samples in batches; returns (samples on CPU, trajectories of the first `record` samples).
 
     All noise comes from one CPU generator seeded with `seed`, so results do not depend on the device.
-    `progress(k)` gets the number of samples done after each batch; `on_batch(state)` gets the state to
-    save for a resume, and passing that `state` back continues the run to the same result.
+    `batches` are finished batches of an earlier run with the same settings (resume): sampling continues after
+    them and gives the same result as an uninterrupted run.  `on_batch(batch)` sees every new batch;
+    `progress(k)` gets the number of samples done after each batch.
     """
     if denoiser.image_shape is None:
         raise UserError("the model does not declare an image shape; pass data so it can be inferred")
     if n < 1:
         raise UserError(f"number of samples must be >= 1, not {n}")
     if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, not {batch_size}")
+        raise UserError(f"the batch size must be >= 1, not {batch_size}")
     device = torch.device(device) if device is not None else denoiser.device
     generator = torch.Generator().manual_seed(int(seed))
-    state = state or SamplingState()
-    if state.generator_state is not None:
-        generator.set_state(state.generator_state)
-    while state.done < n:
-        size = min(batch_size, n - state.done)
-        noise = torch.randn((size, *denoiser.image_shape), generator=generator).to(device)
-        traj = Trajectory() if state.done < record else None
-        state.batches.append(sample_batch(denoiser, noise, config, generator, traj).cpu())
-        if traj is not None:
-            state.trajectories.append(traj)
-        state.done += size
-        state.generator_state = generator.get_state()
+    batches = list(batches)
+    done = sum(b.samples.shape[0] for b in batches)
+    if batches:
+        generator.set_state(batches[-1].generator_after)
+    while done < n:
+        size = min(batch_size, n - done)
+        before = generator.get_state()
+        traj = Trajectory(rows=min(size, record - done)) if done < record else None
+        out = sample_batch(denoiser, size, config, generator, device, traj)
+        batch = Batch(out.cpu(), before, generator.get_state(), traj)
+        batches.append(batch)
+        done += size
         if on_batch is not None:
-            on_batch(state)
+            on_batch(batch)
         if progress is not None:
-            progress(state.done)
-    return torch.cat(state.batches)[:n], state.trajectories
+            progress(done)
+    samples = torch.cat([b.samples for b in batches])[:n]
+    return samples, [b.trajectory for b in batches if b.trajectory is not None]
+
+
+def rerun_rows(denoiser: Denoiser, batch: Batch, rows: Tensor, config: SamplerConfig,
+               device: str | torch.device) -> Tensor:
+    """Re-draw `rows` of a finished batch from its saved generator state (to check saved samples on resume)."""
+    generator = torch.Generator()
+    generator.set_state(batch.generator_before)
+    return sample_batch(denoiser, batch.samples.shape[0], config, generator, torch.device(device), rows=rows).cpu()

@@ -130,7 +130,7 @@ SCAN_CASES = [
     ("sigma beyond a VP schedule's timesteps",
      ["{bad}/vp.safetensors", "{DATA}", "--factory", "{bad}/factory.py:build", "--param", "eps", "--schedule",
       "vp-linear", "--sigma-max", "1000"], ["--sigma-max", "vp-linear"]),
-    ("steps 0", ["{MODEL}", "{DATA}", "--steps", "0"], ["--steps must be >= 1"]),
+    ("steps 0", ["{MODEL}", "{DATA}", "--steps", "0"], ["--steps", "greater than or equal to 1"]),
     ("samples 0", ["{MODEL}", "{DATA}", "--samples", "0"], ["--samples"]),
     ("resize 0", ["{MODEL}", "{DATA}", "--resize", "0"], ["--resize"]),
     ("resize to a size the model cannot take", ["{MODEL}", "{DATA}", "--resize", "16", *FAST], ["shape mismatch"]),
@@ -370,13 +370,13 @@ def test_scan_report_write_fails_and_keeps_the_previous_report(capsys, tmp_path,
     assert ".tmp" not in err  # names the report, not a temporary file
     assert snapshot(out) == before  # byte-identical, no temp files left behind
     # The sampled work is kept for --resume until the reports are written.
-    assert list((tmp_path / "cache").glob("scan-*/samples-heun.pt"))
+    assert list((tmp_path / "cache").glob("scan-*/heun.json"))
 
 
 def test_scan_disk_full_in_the_work_folder(capsys, tmp_path, failing_writes):
     failing_writes(tmp_path / "cache")
     code, _, err = run_cli(capsys, "scan", MODEL, DATA, *FAST, "--json", tmp_path / "r.json")
-    assert_one_line_error(code, err, "samples-heun.pt", "disk full")
+    assert_one_line_error(code, err, "heun-000000.pt", "disk full")
     assert not (tmp_path / "r.json").exists()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 

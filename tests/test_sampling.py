@@ -6,7 +6,8 @@ import torch
 
 from memaudit.denoiser import Denoiser
 from memaudit.errors import UserError
-from memaudit.sampling import SAMPLERS, SamplerConfig, SamplingState, karras_sigmas, sample
+from memaudit.sampling import (SAMPLERS, NonFiniteSamples, SamplerConfig, karras_sigmas, rerun_rows, sample,
+                               sample_batch)
 
 
 class GaussianDenoiser(Denoiser):
@@ -75,15 +76,45 @@ def test_resumed_sampling_gives_the_same_samples():
     full, full_traj = sample(model, 10, config, seed=2, batch_size=3, record=6)
     saved = []
 
-    def stop_after_two(state):
-        if len(state.batches) == 2:
-            saved.append(SamplingState(list(state.batches), list(state.trajectories), state.done,
-                                       state.generator_state.clone()))
+    def stop_after_two(batch):
+        saved.append(batch)
+        if len(saved) == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         sample(model, 10, config, seed=2, batch_size=3, record=6, on_batch=stop_after_two)
-    resumed, traj = sample(model, 10, config, seed=2, batch_size=3, record=6, state=saved[0])
+    resumed, traj = sample(model, 10, config, seed=2, batch_size=3, record=6, batches=saved)
     assert torch.equal(full, resumed)
     assert len(traj) == len(full_traj) == 2
     assert all(torch.equal(a, b) for t, u in zip(traj, full_traj) for a, b in zip(t.xs, u.xs))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_rows_of_a_batch_are_redrawn_exactly_from_its_generator_state(name):
+    model = GaussianDenoiser(0.1, 0.4)
+    config = SamplerConfig(sampler=name, steps=6)
+    batches = []
+    sample(model, 8, config, seed=3, batch_size=4, on_batch=batches.append)
+    again = rerun_rows(model, batches[1], torch.tensor([2, 0]), config, "cpu")
+    torch.testing.assert_close(again, batches[1].samples[[2, 0]], rtol=1e-6, atol=1e-6)
+
+
+def test_trajectories_keep_only_the_rows_asked_for():
+    model = GaussianDenoiser(0.0, 0.5)
+    _, trajs = sample(model, 10, SamplerConfig(steps=4), seed=0, batch_size=4, record=6)
+    assert [t.xs[0].shape[0] for t in trajs] == [4, 2]
+
+
+class NaNBelow(GaussianDenoiser):
+    """Finite at large sigma, NaN below sigma = 0.1 (as a model that overflows at small noise levels)."""
+
+    def denoise(self, x, sigma):
+        out = super().denoise(x, sigma)
+        return torch.where(sigma.reshape(-1, 1, 1, 1) < 0.1, torch.full_like(out, float("nan")), out)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_non_finite_samples_stop_sampling_with_a_user_error(name):
+    with pytest.raises(NonFiniteSamples, match="NaN or infinite.*sigma="):
+        sample_batch(NaNBelow(0.0, 0.5), 3, SamplerConfig(sampler=name, steps=10), torch.Generator().manual_seed(0),
+                     torch.device("cpu"))

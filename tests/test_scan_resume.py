@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -77,13 +78,17 @@ def test_interrupted_scan_resumes_to_a_byte_identical_report(tmp_path, model, di
     with pytest.raises(KeyboardInterrupt):  # heun finished, sde interrupted after its first batch of 8
         scan(model, digits32, tmp_path / "b", task=Tasks(interrupt="sample sde", after=8))
     saved = sorted(p.name for p in (tmp_path / "b").glob("scan-*/*"))
-    assert saved == ["samples-heun.pt", "samples-sde.pt"]
+    assert saved == [f"heun-{i:06d}.pt" for i in range(3)] + ["heun.json", "sde-000000.pt", "sde.json"]
 
     calls[0] = 0
     tasks = Tasks()
     resumed = scan(model, digits32, tmp_path / "b", resume=True, task=tasks)
     assert tasks.resumed() == {"sample heun": 24, "sample sde": 8}
     assert calls[0] < full_calls  # heun and the first sde batch were not sampled again
+    assert resumed.report.pop("provenance") == {"resumed": True, "runs": {
+        "heun": {"resumed_samples": 24, "spot_checked": 2}, "sde": {"resumed_samples": 8, "spot_checked": 2}}}
+    assert full.report.pop("provenance") == {"resumed": False, "runs": {
+        "heun": {"resumed_samples": 0, "spot_checked": 0}, "sde": {"resumed_samples": 0, "spot_checked": 0}}}
     assert dumps_report(resumed.report) == dumps_report(full.report)
     for name in ("heun", "sde"):
         assert torch.equal(resumed.samples[name], full.samples[name])
@@ -93,7 +98,7 @@ def test_saved_samples_of_other_settings_or_another_model_are_not_reused(tmp_pat
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
         scan(model, digits32, work, samplers=("heun",), task=Tasks(interrupt="sample heun", after=8))
-    assert len(list(work.glob("scan-*/samples-heun.pt"))) == 1
+    assert len(list(work.glob("scan-*/heun.json"))) == 1
 
     tasks = Tasks()
     other_seed = scan(model, digits32, work, resume=True, task=tasks, samplers=("heun",), seed=1)
@@ -117,7 +122,7 @@ def test_corrupt_saved_samples_are_resampled(tmp_path, model, digits32):
     full = scan(model, digits32, None, samplers=("heun",))
     with pytest.raises(KeyboardInterrupt):
         scan(model, digits32, work, samplers=("heun",), task=Tasks(interrupt="sample heun", after=8))
-    [saved] = work.glob("scan-*/samples-heun.pt")
+    [saved] = work.glob("scan-*/heun-000000.pt")
     saved.write_bytes(saved.read_bytes()[:100])  # e.g. the machine died while the disk was full
     tasks = Tasks()
     again = scan(model, digits32, work, resume=True, task=tasks, samplers=("heun",))
@@ -136,8 +141,8 @@ def interrupt_after_first_batch(monkeypatch):
     """Ctrl-C right after the first sampling batch was saved to the work folder."""
     save = SampleStore.save
 
-    def save_then_interrupt(self, sampler, state):
-        save(self, sampler, state)
+    def save_then_interrupt(self, sampler, batches):
+        save(self, sampler, batches)
         monkeypatch.setattr(SampleStore, "save", save)
         raise KeyboardInterrupt
 
@@ -149,12 +154,21 @@ def resumed_states(monkeypatch):
     """The number of saved samples each sampling run started from (0 = from scratch)."""
     starts, sample = [], audit.sample
 
-    def recording_sample(*args, state=None, **kwargs):
-        starts.append(state.done if state is not None else 0)
-        return sample(*args, state=state, **kwargs)
+    def recording_sample(*args, batches=(), **kwargs):
+        starts.append(sum(b.samples.shape[0] for b in batches))
+        return sample(*args, batches=batches, **kwargs)
 
     monkeypatch.setattr(audit, "sample", recording_sample)
     return starts
+
+
+def without_provenance(path) -> dict:
+    """A JSON report without its provenance (which says whether the run resumed)."""
+    import json
+
+    report = json.loads(Path(path).read_text())
+    report.pop("provenance")
+    return report
 
 
 def scan_cli(capsys, tmp_path, *args):
@@ -167,7 +181,7 @@ def test_cli_resume_after_ctrl_c(tmp_path, capsys, interrupt_after_first_batch, 
     assert len(err.splitlines()) == 1 and err.startswith("error: interrupted") and "--resume" in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "r.json").exists()
-    assert len(list((tmp_path / "work").glob("scan-*/samples-heun.pt"))) == 1
+    assert len(list((tmp_path / "work").glob("scan-*/heun.json"))) == 1
 
     code, _, err = scan_cli(capsys, tmp_path, "--json", tmp_path / "r.json", "--resume")
     assert code == 0, err
@@ -176,7 +190,8 @@ def test_cli_resume_after_ctrl_c(tmp_path, capsys, interrupt_after_first_batch, 
 
     code, _, err = run_cli(capsys, "scan", MODEL, DATA, *CLI_FAST, "--json", tmp_path / "ref.json")
     assert code == 0, err
-    assert (tmp_path / "r.json").read_bytes() == (tmp_path / "ref.json").read_bytes()
+    assert without_provenance(tmp_path / "r.json") == without_provenance(tmp_path / "ref.json")
+    assert json.loads((tmp_path / "r.json").read_text())["provenance"]["runs"]["heun"]["resumed_samples"] == 8
 
 
 def test_cli_resume_with_other_settings_starts_afresh(tmp_path, capsys, interrupt_after_first_batch,
@@ -203,7 +218,7 @@ def test_cli_work_folder_is_kept_until_the_reports_are_written(tmp_path, capsys,
     monkeypatch.setattr(scan_module, "write_outputs", disk_full)
     code, _, err = scan_cli(capsys, tmp_path, "--json", tmp_path / "r.json")
     assert code == 2 and err.startswith("error: ") and "disk full" in err, err
-    assert len(list((tmp_path / "work").glob("scan-*/samples-heun.pt"))) == 1
+    assert len(list((tmp_path / "work").glob("scan-*/heun.json"))) == 1
 
     monkeypatch.setattr(scan_module, "write_outputs", write_outputs)
     code, _, err = scan_cli(capsys, tmp_path, "--json", tmp_path / "r.json", "--resume")

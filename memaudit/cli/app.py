@@ -9,7 +9,9 @@ import sys
 import typer
 
 from memaudit import __version__
-from memaudit.errors import UserError, first_lines
+from memaudit.errors import UserError, first_lines, printable
+
+INTERNAL_ERROR = 3  # exit code of a bug in memaudit (never 1, which means "a gate failed")
 
 app = typer.Typer(
     name="memaudit",
@@ -64,8 +66,8 @@ def _register() -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print `error: message` on one line to stderr and exit with `code`."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print `error: message` on one line to stderr (control characters escaped) and exit with `code`."""
+    print(f"error: {printable(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -74,7 +76,8 @@ def _class_names(exc: BaseException) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; UserError, usage errors and I/O errors become one line and exit 2."""
+    """Entry point: run the app. Exit codes (docs/reliability.md): 0 gates passed, 1 a gate failed, 2 bad input
+    (UserError, usage and I/O errors: one line), 3 internal error (one line), 130 interrupted."""
     _register()
     try:
         result = app(args=argv, prog_name="memaudit", standalone_mode=False)
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         fail("interrupted", 130)
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
+    except MemoryError:
+        fail("out of memory: lower --batch-size or --samples, or audit a subset with --limit")
     except OSError as exc:
         reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         fail(f"{str(exc.filename) + ': ' if exc.filename else ''}{reason}")
@@ -96,5 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
         if "ClickException" in names:
             fail(" ".join(exc.format_message().split()), getattr(exc, "exit_code", 2))
-        raise
+        if "OutOfMemoryError" in names:  # torch.cuda.OutOfMemoryError
+            fail("out of GPU memory: lower --batch-size, or run on --device cpu")
+        fail(f"internal error: {first_lines(exc, with_type=True)} (a bug in memaudit {__version__}; please report "
+             "it with the command you ran)", INTERNAL_ERROR)
     raise SystemExit(result if isinstance(result, int) else 0)

@@ -7,12 +7,16 @@ from typing import Optional
 import torch
 import typer
 
-from memaudit.errors import UserError
+from memaudit.errors import UserError, printable  # noqa: F401 (printable: for the commands)
 
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 RESIZE = typer.Option(None, "--resize", help="Resize every training image to N x N.")
 CHANNELS = typer.Option(None, "--channels", help="Force 1 (grayscale) or 3 (RGB) channels.")
-SEED = typer.Option(0, "--seed", help="Random seed (same seed and device = same results).")
+SEED = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Random seed (same seed, device and thread count = "
+                                                               "same results; see docs/reliability.md).")
+VALUE_RANGE = typer.Option(None, "--value-range", metavar="LO,HI",
+                           help="What the extremes of a .npy/.npz array's values mean, e.g. 0,16 (needed when "
+                                "they are not [0, 1], [-1, 1] or [0, 255]).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 

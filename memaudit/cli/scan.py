@@ -10,12 +10,14 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from memaudit.atomic import check_writable
+from memaudit.atomic import check_distinct_paths, check_writable
 from memaudit.audit import SKIPPABLE, ScanConfig, run_scan
 from memaudit.cli.app import app
 from memaudit.cli import options as opt
-from memaudit.data import load_images
+from memaudit.data import load_dataset, parse_value_range
+from memaudit.duplicates import DEFAULT_TOLERANCE
 from memaudit.errors import UserError
+from memaudit.sampling import SAMPLERS
 from memaudit.gates import check_gate_metrics, exit_code, known_metrics, parse_gates
 from memaudit.progress import progress_tracker
 from memaudit.report import print_summary, write_html, write_json, write_junit
@@ -34,10 +36,10 @@ def default_workdir() -> Path:
 def scan(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint (folder or file), or empirical[:T=..,k=..]."),
     data: Path = typer.Argument(..., metavar="DATA", help="Training images: a folder, .npy or .npz."),
-    samples: int = typer.Option(256, "--samples", "-n", help="Samples per sampler."),
-    sampler: List[str] = typer.Option(["heun", "sde"], "--sampler", help="heun, euler, sde, edm-sde or ddpm; repeat for several."),
-    steps: int = typer.Option(18, "--steps", help="Sampler steps (Karras schedule)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Samples per batch."),
+    samples: int = typer.Option(256, "--samples", "-n", min=1, help="Samples per sampler."),
+    sampler: List[str] = typer.Option(["heun", "sde"], "--sampler", help=f"{', '.join(SAMPLERS)}; repeat for several."),
+    steps: int = typer.Option(18, "--steps", min=1, help="Sampler steps (Karras schedule)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Samples per batch."),
     threshold: float = typer.Option(1 / 3, "--threshold", help="NN ratio d1/d2 below this = memorized."),
     topk: int = typer.Option(16, "--topk", help="K for the top-K entropy of the empirical weights."),
     features: Optional[str] = typer.Option(None, "--features", help="NN distances in a feature space: a TorchScript extractor path, or inception (clean-fid)."),
@@ -50,6 +52,10 @@ def scan(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan from its saved samples."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for resumable samples (default: user cache)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training images."),
+    value_range: Optional[str] = opt.VALUE_RANGE,
+    dup_tol: float = typer.Option(DEFAULT_TOLERANCE, "--dup-tol", help="Training images closer than this "
+                                  "fraction of the RMS distance between two random training images are "
+                                  "near-duplicates (d2 is measured to the nearest distinct image); 0: exact copies only."),
     param: Optional[str] = opt.PARAM,
     schedule: Optional[str] = opt.SCHEDULE,
     factory: Optional[str] = opt.FACTORY,
@@ -67,22 +73,30 @@ def scan(
     gates = parse_gates(fail_on)
     check_gate_metrics(gates, known_metrics(sampler))
     config = ScanConfig(num_samples=samples, samplers=tuple(sampler), steps=steps, seed=seed, batch_size=batch_size,
-                        threshold=threshold, topk=topk, features=features, fid=fid, device=device, skip=tuple(skip))
+                        threshold=threshold, topk=topk, features=features, fid=fid, device=device, skip=tuple(skip),
+                        sigma_min=sigma_min, sigma_max=sigma_max, dup_tol=dup_tol)
     config.validate()
+    check_distinct_paths(inputs={"MODEL": model, "DATA": data},
+                         outputs={"--json": json_out, "--junit": junit_out, "--html": html_out})
     check_outputs(json_out, html_out, junit_out)  # now, not after a long scan
     dev = opt.resolve_device(device)
-    train = load_images(data, resize=resize, channels=channels, limit=limit)
+    dataset = load_dataset(data, resize=resize, channels=channels, limit=limit,
+                           value_range=parse_value_range(value_range))
+    train = dataset.images
     if train.shape[0] < 2:
         raise UserError(f"{data} holds {train.shape[0]} image; the NN ratio needs at least 2 training images")
     denoiser = opt.load_checked_model(model, train.to(dev), dev, param=param, schedule=schedule, factory=factory,
                                       trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                                       round_timesteps=round_timesteps)
-    data_info = {"path": str(data), "num_images": int(train.shape[0]), "image_shape": list(train.shape[1:])}
+    data_info = {"path": str(data), "num_images": int(train.shape[0]), "image_shape": list(train.shape[1:]),
+                 "value_range": dataset.value_range}
     root = work_folder(workdir, quiet)
+    notes = Console(stderr=True)
     try:
         with progress_tracker(quiet=quiet) as tracker:
             result = run_scan(denoiser, train, config, model_info=opt.model_info(model, denoiser),
-                              data_info=data_info, gates=gates, task=tracker.task, workdir=root, resume=resume)
+                              data_info=data_info, gates=gates, task=tracker.task, workdir=root, resume=resume,
+                              note=lambda line: notes.print(opt.printable(line), markup=False, highlight=False))
     except KeyboardInterrupt:
         raise KeyboardInterrupt("interrupted; the samples drawn so far are saved: run the same command with "
                                 "--resume to continue") from None

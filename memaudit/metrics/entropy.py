@@ -1,41 +1,103 @@
 """Top-k entropy of the empirical weights: H = -sum_j w_j log w_j over the k largest w_i(x, sigma), renormalised.
 
 exp(H) is the effective number of training points steering x; H -> 0 means one training point dominates.
+With near-duplicate clusters the weights of one cluster's members are summed first, so an image held twice
+counts once (a copy of it has exp(H) -> 1, not 2).  collapse_sigma, the noise level where one training image
+takes over the sampling path (mean exp(H) < 2), is located by bisection along each recorded path, between the
+sampler steps, not only at them.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.sampling import Trajectory
 
+COLLAPSE_POINTS = 2.0  # effective number of training points exp(H) below which one image has taken over
+BISECTION_STEPS = 10
 
-def topk_entropy(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tensor | float, k: int) -> Tensor:
-    """H(x) = -sum_{j<=k} w_j log w_j, w = softmax of the top-k logits -||x - x_i||^2 / (2 sigma^2 T); (B,) nats."""
+
+def cluster_weights(weights: Tensor, indices: Tensor, labels: Optional[Tensor]) -> Tensor:
+    """Weights (B, k) with each cluster's members summed into its first (highest) entry, the others 0."""
+    if labels is None:
+        return weights
+    lab = labels.to(indices.device)[indices]
+    same = lab[:, :, None] == lab[:, None, :]  # (B, k, k)
+    earlier = torch.tril(torch.ones_like(same[0]), diagonal=-1)  # j' < j
+    first = ~(same & earlier).any(2)  # no earlier member of the same cluster
+    summed = (same.to(weights.dtype) * weights[:, None, :]).sum(2)
+    return torch.where(first, summed, torch.zeros_like(summed))
+
+
+def topk_entropy(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tensor | float, k: int,
+                 labels: Optional[Tensor] = None) -> Tensor:
+    """H(x) = -sum_{j<=k} w_j log w_j, w = softmax of the top-k logits -||x - x_i||^2 / (2 sigma^2 T), members
+    of one near-duplicate cluster (same `labels`) summed; (B,) nats."""
     device = empirical.points.device
     sigma = sigma.to(device) if isinstance(sigma, Tensor) else sigma
     with torch.no_grad():
-        weights = empirical.topk(x.to(device), sigma, k).weights().double()
+        top = empirical.topk(x.to(device), sigma, k)
+        weights = cluster_weights(top.weights().double(), top.indices, labels)
     return torch.special.entr(weights).sum(1).clamp_min(0.0).to(x.device)
 
 
-def trajectory_entropy(empirical: EmpiricalDenoiser, trajectories: list[Trajectory], k: int) -> dict:
+def _mean_points(empirical, xs: list[Tensor], sigma: float, k: int, labels) -> float:
+    """Mean exp(H) over all rows of `xs` at `sigma`."""
+    h = torch.cat([topk_entropy(empirical, x, sigma, k, labels).cpu() for x in xs])
+    return float(h.exp().mean())
+
+
+def collapse_sigma(empirical: EmpiricalDenoiser, trajectories: list[Trajectory], k: int, sigmas: list[float],
+                   points: list[float], labels: Optional[Tensor] = None, below: float = COLLAPSE_POINTS,
+                   steps: int = BISECTION_STEPS) -> float:
+    """The largest sigma where the mean exp(H) along the paths drops below `below` (0 if it never does).
+
+    Between the last step still above `below` and the first below it, x(sigma) follows the chord between the
+    two recorded points of each path, and the crossing is bisected in log sigma (`steps` halvings)."""
+    first = next((i for i, p in enumerate(points) if math.isfinite(p) and p < below), None)
+    if first is None:
+        return 0.0
+    if first == 0:
+        return float(sigmas[0])
+    hi, lo = float(sigmas[first - 1]), float(sigmas[first])  # mean exp(H) >= below at hi, < below at lo
+    s_hi, s_lo = hi, lo
+    for _ in range(steps):
+        mid = math.sqrt(s_hi * s_lo)
+        t = (mid - hi) / (lo - hi)
+        xs = [(1 - t) * tr.xs[first - 1] + t * tr.xs[first] for tr in trajectories]
+        if _mean_points(empirical, xs, mid, k, labels) < below:
+            s_lo = mid
+        else:
+            s_hi = mid
+    return float(math.sqrt(s_hi * s_lo))
+
+
+def trajectory_entropy(empirical: EmpiricalDenoiser, trajectories: list[Trajectory], k: int,
+                       labels: Optional[np.ndarray | Tensor] = None) -> dict:
     """Per recorded sigma: mean, median, min of H and mean exp(H) over all trajectories; final_mean = mean H at
-    the last (smallest) sigma."""
-    out = {"sigmas": [], "mean": [], "median": [], "min": [], "effective_points_mean": [], "final_mean": None}
+    the last (smallest) sigma; collapse_sigma as located by `collapse_sigma`."""
+    out = {"sigmas": [], "mean": [], "median": [], "min": [], "effective_points_mean": [], "final_mean": None,
+           "collapse_sigma": None}
     if not trajectories:
         return out
+    labels = torch.as_tensor(labels) if labels is not None else None
     sigmas = trajectories[0].sigmas
     if any(len(t.sigmas) != len(sigmas) for t in trajectories):
         raise ValueError("all trajectories must share the same sigma steps")
     for step, sigma in enumerate(sigmas):
-        h = torch.cat([topk_entropy(empirical, t.xs[step], sigma, k).cpu() for t in trajectories])
+        h = torch.cat([topk_entropy(empirical, t.xs[step], sigma, k, labels).cpu() for t in trajectories])
         out["sigmas"].append(float(sigma))
         out["mean"].append(float(h.mean()))
         out["median"].append(float(h.quantile(0.5)))
         out["min"].append(float(h.min()))
         out["effective_points_mean"].append(float(h.exp().mean()))
     out["final_mean"] = out["mean"][-1] if out["mean"] else None
+    out["collapse_sigma"] = collapse_sigma(empirical, trajectories, k, out["sigmas"],
+                                           out["effective_points_mean"], labels)
     return out

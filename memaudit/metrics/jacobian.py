@@ -17,7 +17,7 @@ from torch import Tensor
 from memaudit.denoiser import Denoiser, as_sigma
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.metrics import device_of
-from memaudit.sampling import heun_step
+from memaudit.sampling import SAMPLERS
 
 TINY = 1e-30
 
@@ -89,23 +89,28 @@ def empirical_jacobian_norm(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tens
 
 
 def step_expansion(denoiser: Denoiser, x: Tensor, s_cur: float, s_next: float, eps: float = 1e-3,
-                   generator: torch.Generator | None = None) -> Tensor:
-    """||Phi(x + delta) - Phi(x)|| / ||delta||, Phi one Heun step s_cur -> s_next, ||delta|| = eps ||x||; (B,)."""
+                   generator: torch.Generator | None = None, sampler: str = "heun") -> Tensor:
+    """||Phi(x + delta) - Phi(x)|| / ||delta||, Phi one step s_cur -> s_next of `sampler` (both with the same
+    noise, so a stochastic step's noise cancels), ||delta|| = eps ||x||; (B,)."""
     x = x.detach().to(device_of(denoiser, x.device))
     size = _norms(x)
     size = torch.where(size > TINY, size, torch.full_like(size, float(x[0].numel()) ** 0.5))
     delta = _start_vector(x, generator) * (eps * size)
+    step = SAMPLERS[sampler].fn
+    z = (torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+         if SAMPLERS[sampler].stochastic else None)
+    same_noise = lambda like: z  # noqa: E731 - one step draws its noise once
+    sigmas = [float(s_cur), float(s_next)]
     with torch.no_grad():
-        s_cur, s_next = float(s_cur), float(s_next)
-        diff = heun_step(denoiser, x + delta, s_cur, s_next) - heun_step(denoiser, x, s_cur, s_next)
+        diff = step(denoiser, x + delta, sigmas, same_noise) - step(denoiser, x, sigmas, same_noise)
     return (_norms(diff) / _norms(delta)).reshape(-1)
 
 
 def jacobian_profile(model: Denoiser, empirical: EmpiricalDenoiser, x0: Tensor, sigmas: list[float],
-                     generator: torch.Generator, iters: int = 10) -> dict:
-    """Per sigma (x = x0 + sigma n): mean ||J_model||, mean ||J_emp||, their ratio, and mean Heun-step expansion
-    from sigma to the next smaller sigma of the list (to 0 after the smallest)."""
-    out = {"sigmas": [], "model": [], "empirical": [], "ratio": [], "step_expansion": []}
+                     generator: torch.Generator, iters: int = 10, sampler: str = "heun") -> dict:
+    """Per sigma (x = x0 + sigma n): mean ||J_model||, mean ||J_emp||, their ratio, and the mean expansion of one
+    `sampler` step from sigma to the next smaller sigma of the list (to 0 after the smallest)."""
+    out = {"sigmas": [], "model": [], "empirical": [], "ratio": [], "step_expansion": [], "sampler": sampler}
     for sigma in sigmas:
         sigma = float(sigma)
         x = x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
@@ -116,6 +121,6 @@ def jacobian_profile(model: Denoiser, empirical: EmpiricalDenoiser, x0: Tensor, 
         out["model"].append(m)
         out["empirical"].append(e)
         out["ratio"].append(m / e if e > 0 else None)
-        expansion = step_expansion(model, x, sigma, s_next, generator=generator)
+        expansion = step_expansion(model, x, sigma, s_next, generator=generator, sampler=sampler)
         out["step_expansion"].append(float(expansion.double().mean()))
     return out

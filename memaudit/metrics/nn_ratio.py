@@ -1,7 +1,9 @@
 """Nearest-neighbour distance ratio d1/d2 (Yoon et al. 2023, Gu et al. 2023): memorized if < 1/3.
 
 d1, d2 = L2 distances from a sample to its nearest and second-nearest training images, in pixel space or in
-the space of a feature extractor.  An exact duplicate of a training image has d1 = 0 and ratio 0.
+the space of a feature extractor.  An exact duplicate of a training image has d1 = 0 and ratio 0.  With the
+training set's near-duplicate clusters (memaudit.duplicates), d2 is the distance to the nearest image of
+another cluster, so a copy of an image that the training set holds twice still counts as a copy.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from memaudit.duplicates import Duplicates, distinct_second
 from memaudit.errors import UserError, first_lines
 from memaudit.neighbors import NeighborIndex
 
@@ -22,12 +25,17 @@ Features = Callable[[Tensor], Tensor]
 
 @dataclass
 class NNResult:
-    """Per-sample ratio d1/d2, distances d1, d2 and the index of the nearest training image (CPU tensors)."""
+    """Per-sample ratio d1/d2, distances d1, d2 and the index of the nearest training image (CPU tensors).
+
+    ratio/d2 are duplicate-aware when clusters were given (d2 to the nearest other cluster); ratio_plain/d2_plain
+    use the second-nearest image whatever its cluster (equal to ratio/d2 when there are no duplicates)."""
 
     ratio: Tensor  # (N,)
     d1: Tensor  # (N,)
     d2: Tensor  # (N,)
     nearest: Tensor  # (N,) long
+    ratio_plain: Optional[Tensor] = None
+    d2_plain: Optional[Tensor] = None
 
 
 def embed(images: Tensor, features: Optional[Features], batch_size: int = 256) -> Tensor:
@@ -49,8 +57,10 @@ def training_index(train: Tensor, features: Optional[Features] = None, batch_siz
 
 
 def nn_ratios(samples: Tensor, train: Tensor, features: Optional[Features] = None,
-              batch_size: int = 256, index: Optional[NeighborIndex] = None) -> NNResult:
-    """ratio_n = d1_n / d2_n with d_j the L2 distance to the j-th nearest training image (0 if d1 = d2 = 0).
+              batch_size: int = 256, index: Optional[NeighborIndex] = None,
+              duplicates: Optional[Duplicates] = None) -> NNResult:
+    """ratio_n = d1_n / d2_n with d_j the L2 distance to the j-th nearest training image (0 if d1 = d2 = 0);
+    with `duplicates`, d2 is the distance to the nearest image outside the nearest one's cluster.
 
     `index` (from training_index(train, features)) saves re-embedding and re-indexing the training set."""
     if train.shape[0] < 2:
@@ -58,10 +68,17 @@ def nn_ratios(samples: Tensor, train: Tensor, features: Optional[Features] = Non
     if samples.shape[0] == 0:
         raise UserError("the NN ratio needs at least 1 sample")
     index = index if index is not None else training_index(train, features, batch_size)
-    dist, idx = index.search(embed(samples, features, batch_size), 2)
-    d1, d2 = dist[:, 0], dist[:, 1]
-    ratio = torch.where(d2 > 0, d1 / torch.where(d2 > 0, d2, torch.ones_like(d2)), torch.zeros_like(d1))
-    return NNResult(ratio=ratio, d1=d1, d2=d2, nearest=idx[:, 0])
+    k = 2 if duplicates is None else min(index.num_points, max(2, duplicates.max_size + 1))
+    dist, idx = index.search(embed(samples, features, batch_size), k)
+    d1, d2_plain = dist[:, 0], dist[:, 1]
+    d2 = d2_plain if duplicates is None else distinct_second(dist, idx, duplicates.labels)[0]
+    return NNResult(ratio=_ratio(d1, d2), d1=d1, d2=d2, nearest=idx[:, 0], ratio_plain=_ratio(d1, d2_plain),
+                    d2_plain=d2_plain)
+
+
+def _ratio(d1: Tensor, d2: Tensor) -> Tensor:
+    """d1 / d2, 0 where d2 = 0 (then d1 = 0 too: an exact copy)."""
+    return torch.where(d2 > 0, d1 / torch.where(d2 > 0, d2, torch.ones_like(d2)), torch.zeros_like(d1))
 
 
 def memorized_fraction(ratio: Tensor, threshold: float = 1 / 3) -> float:

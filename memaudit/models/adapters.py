@@ -60,6 +60,28 @@ def denoised_to_output(param: str, d: Tensor, x: Tensor, sigma: Tensor, sigma_da
     raise UserError(f"unknown parameterisation {param!r}; choose one of {', '.join(PARAMETERISATIONS)}")
 
 
+def network_output(out) -> Tensor:
+    """The tensor a network returned: itself, `.sample` (diffusers' UNet2DOutput), or the only entry of a 1-tuple,
+    1-list or 1-dict; a UserError naming what came back otherwise."""
+    if isinstance(out, Tensor):
+        return out
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, Tensor):
+        return sample
+    if isinstance(out, (tuple, list)) and len(out) == 1 and isinstance(out[0], Tensor):
+        return out[0]
+    if isinstance(out, dict) and len(out) == 1 and isinstance(next(iter(out.values())), Tensor):
+        return next(iter(out.values()))
+    if isinstance(out, dict):
+        what = f"a dict with keys {sorted(map(str, out))[:5]}"
+    elif isinstance(out, (tuple, list)):
+        what = f"a {type(out).__name__} of {len(out)} items"
+    else:
+        what = f"a {type(out).__name__}"
+    raise UserError(f"the network returned {what}, not a tensor; wrap it so forward(x, noise) returns the "
+                    "prediction tensor")
+
+
 class NetworkDenoiser(Denoiser):
     """D(x, sigma) from a network net(x_in, noise_in) under a schedule and a parameterisation.
 
@@ -99,7 +121,7 @@ class NetworkDenoiser(Denoiser):
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         x_in, noise_in = self.network_inputs(x, sigma)
-        out = self.net(x_in, noise_in)
+        out = network_output(self.net(x_in, noise_in))
         if out.shape != x.shape:
             raise UserError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
         return output_to_denoised(self.param, out.to(x.dtype), x, sigma, self.schedule.sigma_data)

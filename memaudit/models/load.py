@@ -172,24 +172,37 @@ def _reject(value: Optional[str], option: str, path: Path, fmt: str) -> None:
 
 
 def check_model_on_data(denoiser: Denoiser, image_shape: Sequence[int], batch: int = 2) -> None:
-    """One forward pass on a tiny (batch, C, H, W) batch at the mid sigma sqrt(sigma_min * sigma_max).
+    """Forward passes on a tiny (batch, C, H, W) batch at sigma_min, the mid sigma and sigma_max.
 
-    UserError("image shape mismatch: ...") if the model cannot take such images; UserError on NaN/inf output.
+    UserError("image shape mismatch: ...") if the model cannot take such images; UserError on NaN/inf output at
+    any of the three noise levels (a model finite at the mid sigma may still overflow at the ends).
     """
     check_shape(denoiser, image_shape)
-    sigma = float((float(denoiser.sigma_min) * float(denoiser.sigma_max)) ** 0.5)
+    lo, hi = float(denoiser.sigma_min), float(denoiser.sigma_max)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand((batch, *image_shape), generator=gen) * 2 - 1
-    x = (x0 + sigma * torch.randn(x0.shape, generator=gen)).to(denoiser.device, _float_dtype(denoiser))
+    noise = torch.randn(x0.shape, generator=gen)
     shape = fmt_shape(image_shape)
-    try:
-        with torch.no_grad():
-            out = denoiser(x, sigma)
-    except (RuntimeError, UserError) as exc:
-        raise UserError(f"image shape mismatch: the model fails on {shape} (CxHxW) images: {first_lines(exc)}") from None
-    if not torch.isfinite(out).all():
-        raise UserError(f"the model returns NaN/inf on {shape} images at sigma={sigma:.3g}; check the "
-                        "checkpoint and its --param/--schedule")
+    for sigma in ((lo * hi) ** 0.5, lo, hi):
+        x = (x0 + sigma * noise).to(denoiser.device, _float_dtype(denoiser))
+        try:
+            with torch.no_grad():
+                out = denoiser(x, sigma)
+        except UserError as exc:
+            raise UserError(f"the model fails on {shape} (CxHxW) images: {first_lines(exc)}") from None
+        except RuntimeError as exc:
+            raise UserError(f"image shape mismatch: the model fails on {shape} (CxHxW) images: "
+                            f"{first_lines(exc)}") from None
+        if not torch.isfinite(out).all():
+            raise UserError(f"the model returns NaN/inf on {shape} images at sigma={sigma:.3g}; "
+                            + non_finite_hint(denoiser))
+
+
+def non_finite_hint(denoiser: Denoiser) -> str:
+    """What to check when a model returns NaN/inf: the empirical model's options, or a checkpoint's settings."""
+    if getattr(denoiser, "points", None) is not None and not hasattr(denoiser, "net"):
+        return "the empirical model's options (T, h) make its softmax overflow; use values nearer 1"
+    return "check the checkpoint and its --param/--schedule, or narrow the range with --sigma-min/--sigma-max"
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype:

@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memaudit.atomic import atomic_dir, check_writable
 from memaudit.errors import UserError, first_lines
 from memaudit.models import diffusers_loader, statedict, torchscript
-from memaudit.models.adapters import NetworkDenoiser
-from memaudit.models.schedules import Schedule, make_schedule
+from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
+from memaudit.models.schedules import SCHEDULES, Schedule, make_schedule
 from memaudit.models.unet import UNet
 
 FORMAT = "memaudit-native"
@@ -153,22 +154,136 @@ def _as_os_error(exc: Exception) -> OSError:
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
-    """Parse and validate config.json of a native checkpoint."""
+    """Parse and validate config.json of a native checkpoint (every field by type and range)."""
     path = Path(folder) / CONFIG_NAME
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{folder} is not a memaudit checkpoint: no {CONFIG_NAME}") from None
     except (ValueError, OSError) as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
+        raise UserError(f"{path} is not valid JSON: {first_lines(exc)}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{path} is not a memaudit checkpoint config (format != {FORMAT!r})")
-    if int(config.get("version", 0)) > VERSION:
-        raise UserError(f"{path} has config version {config['version']}; this memaudit reads up to {VERSION}")
+    validate_config(config, path)
+    return config
+
+
+def _bad(path: Path, key: str, what: str, value: Any) -> UserError:
+    shown = json.dumps(value)[:60]
+    return UserError(f"{path}: {key} must be {what}, not {shown}")
+
+
+def _number(config: dict, key: str, path: Path, positive: bool = True, default: Any = None) -> None:
+    value = config.get(key, default)
+    if value is None and default is None and key not in config:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        raise _bad(path, key, "a finite positive number" if positive else "a finite number", value)
+
+
+def validate_config(config: dict, path: Path) -> None:
+    """UserError naming the first field of a native config.json with the wrong type or an absurd value."""
+    version = config.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise _bad(path, "version", "a non-negative integer", version)
+    if version > VERSION:
+        raise UserError(f"{path} has config version {version}; this memaudit reads up to {VERSION}")
     for key in ("architecture", "parameterisation", "schedule"):
         if key not in config:
             raise UserError(f"{path} lacks the required key {key!r}")
-    return config
+    arch = config["architecture"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) \
+            or not isinstance(arch.get("kwargs", {}), dict):
+        raise _bad(path, "architecture", 'an object {"name": ..., "kwargs": {...}}', arch)
+    if arch["name"] not in ARCHITECTURES:
+        raise UserError(f"{path}: unknown architecture {arch['name']!r}; known: {', '.join(ARCHITECTURES)}")
+    if config["parameterisation"] not in PARAMETERISATIONS:
+        raise _bad(path, "parameterisation", f"one of {', '.join(PARAMETERISATIONS)}", config["parameterisation"])
+    if config["schedule"] not in SCHEDULES:
+        raise _bad(path, "schedule", f"one of {', '.join(SCHEDULES)}", config["schedule"])
+    for key in ("sigma_min", "sigma_max", "sigma_data"):
+        _number(config, key, path)
+    if config.get("sigma_min") is not None and config.get("sigma_max") is not None \
+            and not config["sigma_min"] < config["sigma_max"]:
+        raise UserError(f"{path}: sigma_min {config['sigma_min']} must be below sigma_max {config['sigma_max']}")
+    if config.get("fixed_noise_input") is not None:
+        _number(config, "fixed_noise_input", path, positive=False)
+    if not isinstance(config.get("round_timesteps", False), bool):
+        raise _bad(path, "round_timesteps", "true or false", config["round_timesteps"])
+    if not isinstance(config.get("history", []), list):
+        raise _bad(path, "history", "a list", config["history"])
+    _check_image_shape(config.get("image_shape"), path)
+    _check_alphas_cumprod(config.get("alphas_cumprod"), path)
+    if arch["name"] == "unet":
+        check_unet_kwargs(arch.get("kwargs", {}), path)
+
+
+def _check_image_shape(shape: Any, path: Path) -> None:
+    if shape is None:
+        return
+    if not isinstance(shape, list) or len(shape) != 3 or any(
+            isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIDE for v in shape):
+        raise _bad(path, "image_shape", f"[C, H, W] with sides from 1 to {MAX_SIDE}", shape)
+
+
+def _check_alphas_cumprod(abar: Any, path: Path) -> None:
+    if abar is None:
+        return
+    ok = isinstance(abar, list) and 2 <= len(abar) <= 100_000 and all(
+        not isinstance(a, bool) and isinstance(a, (int, float)) and 0 < a < 1 for a in abar)
+    if not ok or any(b > a for a, b in zip(abar, abar[1:])):
+        raise _bad(path, "alphas_cumprod", "a non-increasing list of numbers in (0, 1)", abar)
+
+
+# Bounds on the built-in UNet's settings: far beyond any model this UNet is meant for, far below absurd.
+UNET_LIMITS = {"in_channels": (1, 64), "base_channels": (1, 4096), "num_res_blocks": (1, 64), "emb_dim": (2, 16384)}
+MAX_SIDE = 65536
+META_CHECKED = ("unet", "diffusers")  # builders that run no user code, so they can be built on the meta device
+
+
+def check_unet_kwargs(kwargs: dict, path: Path) -> None:
+    """UserError for built-in UNet settings of the wrong type or an absurd size (before anything is allocated)."""
+    known = set(UNET_LIMITS) | {"channel_mult", "dropout"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown UNet setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key, (lo, hi) in UNET_LIMITS.items():
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi):
+            raise _bad(path, f"architecture.kwargs.{key}", f"an integer from {lo} to {hi}", value)
+    mult = kwargs.get("channel_mult")
+    if mult is not None and (not isinstance(mult, list) or not 1 <= len(mult) <= 8 or any(
+            isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 64 for m in mult)):
+        raise _bad(path, "architecture.kwargs.channel_mult", "a list of 1 to 8 integers from 1 to 64", mult)
+    dropout = kwargs.get("dropout")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0 <= dropout < 1):
+        raise _bad(path, "architecture.kwargs.dropout", "a number in [0, 1)", dropout)
+
+
+def check_weights_match(builder: Callable[[], nn.Module], weights: Path) -> None:
+    """Build the network on the meta device (no memory) and compare its tensor shapes with the safetensors
+    header, so a config that disagrees with its weights (or asks for terabytes) fails before allocation."""
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            shapes = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
+    except FileNotFoundError:
+        raise UserError(f"{weights.parent}: missing {WEIGHTS_NAME}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{weights}: not a readable safetensors file ({first_lines(exc)})") from None
+    try:
+        with torch.device("meta"):
+            expected = dict(builder().state_dict())
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a builder that cannot run on meta tensors is built for real
+        if isinstance(exc, TypeError):
+            raise
+        return
+    problem = statedict.state_dict_mismatch(expected, shapes)
+    if problem:
+        raise UserError(f"{weights} does not match its architecture: {problem}")
 
 
 def load_native(folder: str | Path, device: str | torch.device = "cpu") -> NetworkDenoiser:
@@ -176,15 +291,16 @@ def load_native(folder: str | Path, device: str | torch.device = "cpu") -> Netwo
     folder = Path(folder)
     config = read_config(folder)
     arch = config["architecture"]
-    builder = ARCHITECTURES.get(arch.get("name"))
-    if builder is None:
-        raise UserError(f"{folder}: unknown architecture {arch.get('name')!r}")
+    builder = ARCHITECTURES[arch["name"]]
+    kwargs = dict(arch.get("kwargs", {}))
+    weights = folder / WEIGHTS_NAME
     try:
-        net = builder(dict(arch.get("kwargs", {})), folder)
+        if arch["name"] in META_CHECKED:
+            check_weights_match(lambda: builder(kwargs, folder), weights)
+        net = builder(kwargs, folder)
     except TypeError as exc:
         raise UserError(f"{folder}: bad architecture settings: {exc}") from None
     net.architecture = arch
-    weights = folder / WEIGHTS_NAME
     try:
         state = load_file(str(weights))
     except FileNotFoundError:

@@ -22,7 +22,7 @@ HISTOGRAM_BINS = 20
 WORST_PAIRS = 16
 
 TOP_KEYS = ("schema", "memaudit_version", "model", "data", "settings", "runs", "summary", "gates", "status")
-OPTIONAL_KEYS = ("score_cosine", "jacobian", "fid")
+OPTIONAL_KEYS = ("score_cosine", "jacobian", "fid", "provenance")
 RUN_SECTIONS = ("nn_ratio", "entropy", "trajectory_cosine")
 FID_KINDS = ("clean-fid", "proxy")
 
@@ -46,12 +46,14 @@ def _finite(values: Iterable[Any]) -> list[float]:
 # ------------------------------------------------------------------------------------ section builders
 
 def nn_ratio_section(ratio, d1, d2, nearest, threshold: float = NN_RATIO_THRESHOLD,
-                     bins: int = HISTOGRAM_BINS, worst: int = WORST_PAIRS) -> dict:
+                     bins: int = HISTOGRAM_BINS, worst: int = WORST_PAIRS, ratio_plain=None) -> dict:
     """The per-run "nn_ratio" section from per-sample arrays (length N each).
 
-    ratio = d1 / d2 (nearest / second-nearest training distance); a sample is memorized when
-    ratio < threshold. The histogram has `bins` equal bins over [0, 1]; "worst" lists the
-    `worst` sample indices with the smallest ratios, ascending (ties by index).
+    ratio = d1 / d2 (nearest / second-nearest distinct training image); a sample is memorized when
+    ratio < threshold. A non-finite ratio (NaN, inf) is never "not memorized": it counts as memorized.
+    The histogram has `bins` equal bins over [0, 1]; "worst" lists the `worst` sample indices with the
+    smallest ratios, ascending (ties by index). `ratio_plain` (d2 = second-nearest image, duplicates
+    or not) gives memorized_fraction_plain.
     """
     r = np.asarray(ratio, dtype=np.float64).reshape(-1)
     d1 = np.asarray(d1, dtype=np.float64).reshape(-1)
@@ -63,8 +65,11 @@ def nn_ratio_section(ratio, d1, d2, nearest, threshold: float = NN_RATIO_THRESHO
     rf = r[ok]
     counts, edges = np.histogram(np.clip(rf, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
     order = sorted(np.flatnonzero(ok).tolist(), key=lambda i: (r[i], i))
+    plain = r if ratio_plain is None else np.asarray(ratio_plain, dtype=np.float64).reshape(-1)
     return {
-        "memorized_fraction": float((rf < threshold).sum() / len(r)) if len(r) else None,
+        "memorized_fraction": _memorized(r, threshold),
+        "memorized_fraction_plain": _memorized(plain, threshold),
+        "non_finite": int((~ok).sum()),
         "threshold": float(threshold),
         "mean": finite_or_none(rf.mean()) if len(rf) else None,
         "median": finite_or_none(np.median(rf)) if len(rf) else None,
@@ -77,6 +82,13 @@ def nn_ratio_section(ratio, d1, d2, nearest, threshold: float = NN_RATIO_THRESHO
         ],
         "worst": order[:worst],
     }
+
+
+def _memorized(ratio: np.ndarray, threshold: float) -> Optional[float]:
+    """Fraction of ratios below the threshold, non-finite ones counted as memorized (fail closed)."""
+    if not len(ratio):
+        return None
+    return float(((ratio < threshold) | ~np.isfinite(ratio)).sum() / len(ratio))
 
 
 def entropy_section(sigmas, entropy) -> dict:
@@ -139,7 +151,9 @@ def summarize(report: Mapping[str, Any]) -> dict:
         ent = run.get("entropy")
         if ent and finite_or_none(ent.get("final_mean")) is not None:
             finals.append(float(ent["final_mean"]))
-        if ent and ent.get("sigmas"):
+        if ent and finite_or_none(ent.get("collapse_sigma")) is not None:
+            collapses.append(float(ent["collapse_sigma"]))
+        elif ent and ent.get("sigmas"):
             collapses.append(collapse_sigma(ent["sigmas"], ent.get("effective_points_mean") or []))
     summary["memorized_fraction"] = max(fractions) if fractions else None
     summary["min_nn_ratio"] = min(mins) if mins else None
@@ -190,7 +204,7 @@ def attach_gates(report: dict, gates: Sequence[Gate | str]) -> dict:
 def build_report(*, model: Mapping, data: Mapping, settings: Mapping, runs: Mapping[str, Mapping],
                  score_cosine: Optional[Mapping] = None, jacobian: Optional[Mapping] = None,
                  fid: Optional[Sequence[Mapping]] = None, gates: Sequence[Gate | str] = (),
-                 memaudit_version: str = __version__) -> dict:
+                 provenance: Optional[Mapping] = None, memaudit_version: str = __version__) -> dict:
     """Assemble a complete "memaudit.scan/1" report: sections, summary, gates and status.
 
     Optional sections passed as None are left out (metric skipped). Raises UserError for a gate
@@ -210,6 +224,8 @@ def build_report(*, model: Mapping, data: Mapping, settings: Mapping, runs: Mapp
         report["jacobian"] = dict(jacobian)
     if fid is not None:
         report["fid"] = [dict(e) for e in fid]
+    if provenance is not None:
+        report["provenance"] = dict(provenance)
     report["summary"] = summarize(report)
     return attach_gates(report, gates)
 
@@ -343,6 +359,20 @@ def validate_report(report: Any) -> None:
             if entry["kind"] not in FID_KINDS:
                 c.fail(f"{where}.kind", f"must be one of {list(FID_KINDS)}, got {entry['kind']!r}")
             c.str(entry["message"], f"{where}.message")
+    if "provenance" in report:
+        prov = c.dict(report["provenance"], "provenance", ("resumed", "runs"))
+        if not isinstance(prov["resumed"], bool):
+            c.fail("provenance.resumed", "must be true or false")
+        for name, entry in c.dict(prov["runs"], "provenance.runs").items():
+            c.dict(entry, f"provenance.runs.{name}", ("resumed_samples",))
+            c.int(entry["resumed_samples"], f"provenance.runs.{name}.resumed_samples", minimum=0)
+    if "duplicates" in data:
+        dup = c.dict(data["duplicates"], "data.duplicates", ("tolerance", "num_clusters", "clusters"))
+        c.num(dup["tolerance"], "data.duplicates.tolerance")
+        c.int(dup["num_clusters"], "data.duplicates.num_clusters", minimum=0)
+        for i, cluster in enumerate(c.list(dup["clusters"], "data.duplicates.clusters")):
+            for j, member in enumerate(c.list(cluster, f"data.duplicates.clusters[{i}]")):
+                c.int(member, f"data.duplicates.clusters[{i}][{j}]", minimum=0)
     extra = set(report) - set(TOP_KEYS) - set(OPTIONAL_KEYS)
     if extra:
         c.fail("report", f"has unknown key(s) {sorted(extra)}")
@@ -379,6 +409,8 @@ def _validate_nn_ratio(c: _Check, nn: Any, where: str) -> None:
     frac = c.num(nn["memorized_fraction"], f"{where}.memorized_fraction", nullable=True)
     if frac is not None and not 0 <= frac <= 1:
         c.fail(f"{where}.memorized_fraction", f"must lie in [0, 1], got {frac}")
+    if "memorized_fraction_plain" in nn:
+        c.num(nn["memorized_fraction_plain"], f"{where}.memorized_fraction_plain", nullable=True)
     c.num(nn["threshold"], f"{where}.threshold")
     for key in ("mean", "median", "min"):
         c.num(nn[key], f"{where}.{key}", nullable=True)

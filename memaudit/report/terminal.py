@@ -22,6 +22,22 @@ def _word(passed: bool, styled: bool) -> Text:
     return Text(word, style=("bold green" if passed else "bold red") if styled else "")
 
 
+def _data_lines(report: Mapping[str, Any]) -> list[str]:
+    """How the data were read, near-duplicate clusters, and which runs resumed from saved samples."""
+    data, lines = report.get("data") or {}, []
+    if data.get("value_range"):
+        lines.append(f"training values read as {data['value_range']}")
+    dup = data.get("duplicates") or {}
+    if dup.get("num_clusters"):
+        lines.append(f"warning: {dup.get('num_images_in_clusters')} training images form {dup['num_clusters']} "
+                     f"near-duplicate clusters; NN ratios use the nearest distinct image (data.duplicates)")
+    runs = ((report.get("provenance") or {}).get("runs") or {})
+    resumed = [f"{name} {r['resumed_samples']}" for name, r in sorted(runs.items()) if r.get("resumed_samples")]
+    if resumed:
+        lines.append(f"resumed from saved samples: {', '.join(resumed)} (spot-checked; see provenance)")
+    return lines
+
+
 def print_summary(report: Mapping[str, Any], console: Console) -> None:
     """Print the scan summary: a per-sampler table, score-cosine / Jacobian / FID lines, then the gates."""
     styled = console.is_terminal
@@ -33,6 +49,8 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
         f"seed {settings.get('seed', '?')}, features {settings.get('features', '?')}",
         markup=False, highlight=False, soft_wrap=True,
     )
+    for line in _data_lines(report):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     runs = report.get("runs") or {}
     table = Table(title="Memorization per sampler", box=table_box, title_justify="left",

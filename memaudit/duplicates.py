@@ -1,0 +1,111 @@
+"""Near-duplicate clusters of the training set, so a copy of a duplicated image is still a copy.
+
+Two training images are near-duplicates when their distance is at most tol x r, with r = sqrt(2 tr Cov) the
+RMS distance between two random training images (scale-free: the same tol works in pixel and feature spaces);
+clusters are the connected components of that relation.  A training set holding an image twice would
+otherwise give a copy of it d1 ~ d2 and an NN ratio near 1 (not memorized): the duplicate-aware ratio measures
+d2 to the nearest image of another cluster instead (Carlini et al. 2023 deduplicate for the same reason).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from memaudit.neighbors import NeighborIndex
+
+DEFAULT_TOLERANCE = 0.05
+QUERY_ROWS = 4096
+
+
+@dataclass
+class Duplicates:
+    """labels[i] = the smallest index in image i's cluster; `radius` = tol x r in the index's space."""
+
+    labels: np.ndarray  # (M,) int64
+    tolerance: float
+    radius: float
+
+    def clusters(self) -> list[list[int]]:
+        """Clusters of two or more images, each sorted, ordered by their first member."""
+        groups: dict[int, list[int]] = {}
+        for i, label in enumerate(self.labels.tolist()):
+            groups.setdefault(label, []).append(i)
+        return [members for _, members in sorted(groups.items()) if len(members) > 1]
+
+    @property
+    def max_size(self) -> int:
+        return int(np.bincount(self.labels).max()) if len(self.labels) else 0
+
+    @property
+    def num_distinct(self) -> int:
+        return int(len(np.unique(self.labels)))
+
+    def section(self, limit: int = 100) -> dict:
+        """The report's data.duplicates: tolerance, radius, counts and (at most `limit`) clusters."""
+        clusters = self.clusters()
+        return {"tolerance": self.tolerance, "radius": self.radius, "num_clusters": len(clusters),
+                "num_images_in_clusters": int(sum(len(c) for c in clusters)),
+                "num_distinct": self.num_distinct, "clusters": clusters[:limit]}
+
+
+def rms_pair_distance(index: NeighborIndex) -> float:
+    """sqrt(E ||a - b||^2) over two independent random training points = sqrt(2 tr Cov), in float64."""
+    total, sq = np.zeros(index.dim), np.zeros(index.dim)
+    for start in range(0, index.num_points, QUERY_ROWS):
+        block = index.points(start, min(start + QUERY_ROWS, index.num_points)).astype(np.float64)
+        total += block.sum(0)
+        sq += (block * block).sum(0)
+    mean = total / index.num_points
+    var = np.maximum(sq / index.num_points - mean * mean, 0.0)
+    return float(np.sqrt(2.0 * var.sum()))
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = np.arange(n)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, i: int, j: int) -> None:
+        a, b = self.find(i), self.find(j)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)  # the root is always the smallest index
+
+
+def find_duplicates(index: NeighborIndex, tolerance: float = DEFAULT_TOLERANCE) -> Duplicates:
+    """Near-duplicate clusters of the indexed training points: pairs with ||a - b|| <= tolerance x r.
+
+    faiss range search proposes candidate pairs (radius padded for its rounding); each pair's distance is
+    then computed exactly, so exact copies are always found and nothing beyond the radius is merged.
+    """
+    radius = float(tolerance) * rms_pair_distance(index)
+    uf = _UnionFind(index.num_points)
+    for start in range(0, index.num_points, QUERY_ROWS):
+        queries = index.points(start, min(start + QUERY_ROWS, index.num_points))
+        for i, j in index.pairs_within(queries, radius):
+            if start + i != j:
+                uf.union(start + i, int(j))
+    labels = np.array([uf.find(i) for i in range(index.num_points)], dtype=np.int64)
+    return Duplicates(labels, float(tolerance), radius)
+
+
+def distinct_second(dist: Tensor, idx: Tensor, labels: np.ndarray) -> tuple[Tensor, Tensor]:
+    """For neighbour lists sorted by distance: (distance, index) of the nearest neighbour whose cluster differs
+    from the first neighbour's; inf / -1 where the k neighbours hold no other cluster."""
+    lab = torch.from_numpy(labels)[idx]
+    other = lab != lab[:, :1]
+    first = torch.where(other.any(1), other.int().argmax(1), torch.full((idx.shape[0],), -1))
+    rows = torch.arange(idx.shape[0])
+    d2 = torch.where(first >= 0, dist[rows, first.clamp(min=0)], torch.full_like(dist[:, 0], float("inf")))
+    i2 = torch.where(first >= 0, idx[rows, first.clamp(min=0)], torch.full_like(idx[:, 0], -1))
+    return d2, i2

@@ -1,0 +1,33 @@
+"""How much memory this machine has free, and a check that a planned allocation fits before it is made."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from memaudit.errors import UserError
+
+GIB = 1024**3
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to new allocations (Linux MemAvailable; else physical memory), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(needed: float, what: str, hint: str, available: Optional[int] = None) -> None:
+    """UserError before a long run when `needed` bytes exceed the memory available."""
+    free = available_memory() if available is None else available
+    if free is not None and needed > free:
+        raise UserError(f"{what} needs about {needed / GIB:.1f} GB of memory, more than the {free / GIB:.1f} GB "
+                        f"available; {hint}")
