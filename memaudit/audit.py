@@ -9,7 +9,6 @@ which runs resumed.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from memaudit.denoiser import Denoiser, clip_sigma_range
 from memaudit.duplicates import DEFAULT_TOLERANCE, Duplicates, find_duplicates
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.errors import UserError
+from memaudit.fingerprints import data_fingerprint, model_fingerprint
 from memaudit.metrics.entropy import trajectory_entropy
 from memaudit.metrics.fid import FID_MODES, compute_fid, inception_feature_extractor
 from memaudit.metrics.jacobian import jacobian_profile
@@ -31,8 +31,8 @@ from memaudit.metrics.score_cosine import cosine_on_training_points, cosine_on_t
 from memaudit.neighbors import NeighborIndex
 from memaudit.report.schema import build_report, nn_ratio_section
 from memaudit.resources import check_fits
-from memaudit.sampling import (DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, SAMPLERS, Batch, SamplerConfig, Trajectory,
-                               check_sampler, rerun_rows, sample)
+from memaudit.sampling import (DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, DEFAULT_STEPS, Batch, SamplerConfig,
+                               Trajectory, check_sampler, rerun_rows, sample)
 from memaudit.workdir import SampleStore
 
 # task(description, total) -> advance(done, info="")
@@ -52,7 +52,7 @@ class ScanConfig:
 
     num_samples: int = 256
     samplers: Sequence[str] = ("heun", "sde")
-    steps: int = 18
+    steps: int = DEFAULT_STEPS
     seed: int = 0
     batch_size: int = 128
     threshold: float = 1 / 3
@@ -138,24 +138,6 @@ def metric_sigmas(model: Denoiser, count: int, lo: float = 0.01, hi: float = 10.
         return [max(lo, min(hi, 1.0))]
     step = (math.log(hi) - math.log(lo)) / (count - 1)
     return [math.exp(math.log(hi) - i * step) for i in range(count)]
-
-
-def data_fingerprint(train: Tensor) -> str:
-    """sha256 of the training tensor's bytes (first 16 hex digits)."""
-    return hashlib.sha256(train.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def model_fingerprint(model: Denoiser) -> str:
-    """sha256 of the model's state dict (names, dtypes, shapes, bytes; first 16 hex digits).
-
-    It keys the work folder, so samples of a checkpoint retrained in place are never resumed.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def trajectory_rows(config: ScanConfig, image_shape: Sequence[int]) -> int:

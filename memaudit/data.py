@@ -192,7 +192,8 @@ def _array_header(path: Path) -> Optional[tuple[int, ...]]:
                 return None
             with archive.open(key + ".npy") as fh:
                 version = np.lib.format.read_magic(fh)
-                shape, _, _ = np.lib.format._read_array_header(fh, version)
+                read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+                shape, _, _ = read(fh)
                 return tuple(shape)
     except Exception:  # noqa: BLE001 - the full read below reports what is wrong
         return None

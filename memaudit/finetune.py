@@ -23,6 +23,7 @@ from torch import Tensor
 from memaudit.denoiser import Denoiser
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.errors import UserError
+from memaudit.fingerprints import model_fingerprint
 from memaudit.models.adapters import NetworkDenoiser
 from memaudit.models.native import native_config
 from memaudit.training import TargetFn, TrainConfig, fit
@@ -118,4 +119,7 @@ def finetune(model: Denoiser, train: Tensor, config: FinetuneConfig, train_confi
     history = list(getattr(model, "history", []) or []) + [history_entry(config, train_config, **extra)]
     target = (smoothing_target(train, config.temperature, config.k, config.bandwidth)
               if config.temperature is not None else None)
-    return fit(denoiser, train, train_config, out, history, target_fn=target, resume=resume, progress=progress)
+    settings = {"finetune": {"temperature": config.temperature, "k": config.k, "uncondition": config.uncondition,
+                             "bandwidth": config.bandwidth}, "weights": model_fingerprint(denoiser)}
+    return fit(denoiser, train, train_config, out, history, target_fn=target, resume=resume, progress=progress,
+               settings=settings)

@@ -7,17 +7,21 @@ state (step, optimizer, EMA, RNG) is checkpointed so an interrupted run can resu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from memaudit.errors import UserError, first_lines
+from memaudit.fingerprints import data_fingerprint
 from memaudit.models.adapters import NetworkDenoiser
 from memaudit.models.native import check_output_folder, is_native, load_native, save_native
 
@@ -118,18 +122,25 @@ class Trainer:
         for ema_b, b in zip(self.ema.net.buffers(), self.model.net.buffers()):
             ema_b.copy_(b)
 
-    def state_bytes(self) -> bytes:
+    def state_bytes(self, settings: dict) -> bytes:
         """Training state as a weights-only torch file (tensors, numbers and dicts; no code)."""
         state = {"step": self.step, "model": self.model.net.state_dict(), "optimizer": self.opt.state_dict(),
-                 "generator": self.generator.get_state(), "config": asdict(self.config)}
+                 "generator": self.generator.get_state(), "config": asdict(self.config), "settings": settings}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         return buffer.getvalue()
 
-    def load_state(self, path: Path) -> None:
-        """Restore a checkpointed training state (loaded with weights_only=True)."""
+    def load_state(self, path: Path, settings: dict) -> None:
+        """Restore a checkpointed training state (loaded with weights_only=True); UserError when it was started
+        with other settings (only --steps may change between the interrupted run and its resume)."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any corrupt state is a user-facing error
+            raise UserError(f"cannot resume from {path}: {first_lines(exc, with_type=True)}") from None
+        if not isinstance(state, dict):
+            raise UserError(f"cannot resume from {path}: it holds no training state")
+        check_same_settings(state, asdict(self.config), settings, path)
+        try:
             self.model.net.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.generator.set_state(state["generator"])
@@ -137,43 +148,88 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - any corrupt state is a user-facing error
             raise UserError(f"cannot resume from {path}: {first_lines(exc, with_type=True)}") from None
 
-    def save(self, out: Path, history: list[dict], keep_state: bool) -> None:
+    def save(self, out: Path, history: list[dict], keep_state: bool, settings: dict) -> None:
         """Write the EMA model as a native checkpoint (atomically), plus the training state if asked."""
-        extra = {STATE_NAME: self.state_bytes()} if keep_state else {}
+        extra = {STATE_NAME: self.state_bytes(settings)} if keep_state else {}
         save_native(self.ema, out, history=history, extra_files=extra)
+
+
+RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # settings a resumed run may change
+
+
+def check_same_settings(state: dict, config: dict, settings: dict, path: Path) -> None:
+    """UserError naming the settings an interrupted run was started with that differ from the resumed run's."""
+    saved = {**(state.get("config") or {}), **(state.get("settings") or {})}
+    given = {**config, **settings}
+    changed = sorted(k for k in set(saved) | set(given)
+                     if k not in RESUMABLE_CHANGES and k != "extra" and saved.get(k) != given.get(k))
+    if changed:
+        what = ", ".join(f"{k} {saved.get(k)!r} -> {given.get(k)!r}" for k in changed[:3])
+        raise UserError(f"cannot resume from {path}: it was started with other settings ({what}); use the same "
+                        "settings, or start afresh without --resume")
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[list[int]]:
+    """Within the block, SIGINT and SIGTERM only record themselves (the list gets the signal number), so a
+    training step is never cut in half; the loop checks the list between steps. A second signal of the
+    same kind interrupts at once. Outside the main thread, nothing is deferred."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def record(signum, frame):
+        if signum in received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def fit(denoiser: NetworkDenoiser, data: Tensor, config: TrainConfig, out: Path, history: list[dict],
         target_fn: Optional[TargetFn] = None, resume: bool = False,
-        progress: Optional[Callable[..., None]] = None) -> NetworkDenoiser:
+        progress: Optional[Callable[..., None]] = None, settings: Optional[dict] = None) -> NetworkDenoiser:
     """Train and write `out` (native checkpoint, EMA weights); resumable from a checkpoint left in `out`.
 
-    On KeyboardInterrupt the current state is saved to `out` before re-raising.
+    `settings` (the caller's run settings, e.g. data fingerprint and target) are saved with the training state;
+    a resume with other settings is refused. Ctrl-C or SIGTERM stops after the current step: the state as of
+    that completed step is saved to `out` and KeyboardInterrupt is raised, so a resumed run continues exactly.
     """
     out = Path(out)
+    settings = {"data": data_fingerprint(data), **(settings or {})}
     check_output_folder(out)  # before training, not after the first checkpoint interval
     trainer = Trainer(denoiser, data, config, target_fn)
     if resume:
-        _resume(trainer, out)
+        _resume(trainer, out, settings)
     try:
-        while trainer.step < config.steps:
-            trainer.last_loss = trainer.train_step()
-            if progress is not None:
-                progress(trainer.step, f"loss {trainer.last_loss:.4f}")
-            if config.checkpoint_every and trainer.step % config.checkpoint_every == 0 and trainer.step < config.steps:
-                trainer.save(out, history, keep_state=True)
+        with deferred_interrupts() as received:
+            while trainer.step < config.steps:
+                trainer.last_loss = trainer.train_step()
+                if progress is not None:
+                    progress(trainer.step, f"loss {trainer.last_loss:.4f}")
+                if received:
+                    raise KeyboardInterrupt
+                if config.checkpoint_every and trainer.step % config.checkpoint_every == 0 \
+                        and trainer.step < config.steps:
+                    trainer.save(out, history, keep_state=True, settings=settings)
     except KeyboardInterrupt:
-        trainer.save(out, history, keep_state=True)
+        trainer.save(out, history, keep_state=True, settings=settings)
         raise
-    trainer.save(out, history, keep_state=False)
+    trainer.save(out, history, keep_state=False, settings=settings)
     return trainer.ema
 
 
-def _resume(trainer: Trainer, out: Path) -> None:
+def _resume(trainer: Trainer, out: Path, settings: dict) -> None:
     """Load EMA weights and training state from `out` (written by an earlier, interrupted run)."""
     state_path = out / STATE_NAME
     if not (is_native(out) and state_path.is_file()):
         raise UserError(f"nothing to resume in {out}: no checkpoint with {STATE_NAME} (it is removed when a run finishes)")
     ema = load_native(out, device=trainer.data.device)
     trainer.ema.net.load_state_dict(ema.net.state_dict())
-    trainer.load_state(state_path)
+    trainer.load_state(state_path, settings)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = app(args=argv, prog_name="memaudit", standalone_mode=False)
     except UserError as exc:
-        fail(first_lines(exc))
+        fail(str(exc) or type(exc).__name__)  # ours: one sentence (any newline in a file name is escaped)
     except Interrupted as exc:
         fail(first_lines(exc), 130)
     except (KeyboardInterrupt, typer.Abort):

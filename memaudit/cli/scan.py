@@ -17,7 +17,7 @@ from memaudit.cli import options as opt
 from memaudit.data import load_dataset, parse_value_range
 from memaudit.duplicates import DEFAULT_TOLERANCE
 from memaudit.errors import UserError
-from memaudit.sampling import SAMPLERS
+from memaudit.sampling import DEFAULT_STEPS, SAMPLERS
 from memaudit.gates import check_gate_metrics, exit_code, known_metrics, parse_gates
 from memaudit.progress import progress_tracker
 from memaudit.report import print_summary, write_html, write_json, write_junit
@@ -38,7 +38,7 @@ def scan(
     data: Path = typer.Argument(..., metavar="DATA", help="Training images: a folder, .npy or .npz."),
     samples: int = typer.Option(256, "--samples", "-n", min=1, help="Samples per sampler."),
     sampler: List[str] = typer.Option(["heun", "sde"], "--sampler", help=f"{', '.join(SAMPLERS)}; repeat for several."),
-    steps: int = typer.Option(18, "--steps", min=1, help="Sampler steps (Karras schedule)."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, help="Sampler steps (Karras schedule)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Samples per batch."),
     threshold: float = typer.Option(1 / 3, "--threshold", help="NN ratio d1/d2 below this = memorized."),
     topk: int = typer.Option(16, "--topk", help="K for the top-K entropy of the empirical weights."),

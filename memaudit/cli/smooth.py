@@ -11,6 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from memaudit.atomic import check_distinct_paths
 from memaudit.audit import ScanConfig, run_scan
 from memaudit.cli.app import app
 from memaudit.cli import options as opt
@@ -78,6 +79,7 @@ def smooth(
     train_config.validate()
     if samples < 1:
         raise UserError(f"--samples must be >= 1, not {samples}")
+    check_distinct_paths(inputs={"MODEL": model, "DATA": data}, outputs={"--out": out})
     dev = opt.resolve_device(device)
     images = load_images(data, resize=resize, channels=channels).to(dev)
     if compare and images.shape[0] < 2:

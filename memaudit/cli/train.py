@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from memaudit.atomic import check_distinct_paths
 from memaudit.cli.app import app
 from memaudit.cli.options import CHANNELS, DEVICE, QUIET, RESIZE, SEED, resolve_device
 from memaudit.data import load_images
@@ -46,8 +47,9 @@ def train(
     for option, value in (("--width", channels_base), ("--levels", levels)):
         if value < 1:
             raise UserError(f"{option} must be >= 1, not {value}")
+    check_distinct_paths(inputs={"DATA": data}, outputs={"--out": out})
     model = make_unet_denoiser(tuple(images.shape[1:]), base_channels=channels_base,
-                               channel_mult=tuple([1] + [2] * (levels - 1))).to(dev)
+                               channel_mult=tuple([1] + [2] * (levels - 1)), seed=seed).to(dev)
     check_output_folder(out)
     if not resume and is_native(out) and not quiet:
         Console(stderr=True).print(f"replacing the checkpoint in {out}")
@@ -55,7 +57,8 @@ def train(
                 "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}]
     try:
         with progress_tracker(quiet=quiet) as tracker:
-            fit(model, images, config, out, history, resume=resume, progress=tracker.task("train", steps))
+            fit(model, images, config, out, history, resume=resume, progress=tracker.task("train", steps),
+                settings={"architecture": model.net.architecture})
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted; progress is saved in {out}: run the same command with --resume "
                                 "to continue") from None

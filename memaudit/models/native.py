@@ -49,21 +49,26 @@ def is_native(path: str | Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
+        config = json.loads(cfg.read_text())
     except (ValueError, OSError):
         return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
 
 
 def make_unet_denoiser(image_shape: tuple[int, int, int], base_channels: int = 32,
                        channel_mult: tuple[int, ...] = (1, 2), num_res_blocks: int = 1,
-                       sigma_data: float = 0.5) -> NetworkDenoiser:
-    """A fresh EDM-preconditioned UNet denoiser for images of shape (C, H, W)."""
+                       sigma_data: float = 0.5, seed: int | None = None) -> NetworkDenoiser:
+    """A fresh EDM-preconditioned UNet denoiser for images of shape (C, H, W); with `seed`, its initial weights
+    come from that seed (the global RNG is left as it was), so `train --seed` is reproducible."""
     c, h, w = image_shape
     factor = 2 ** (len(channel_mult) - 1)
     if h % factor or w % factor:
         raise UserError(f"image size {h}x{w} must be divisible by {factor} for {len(channel_mult)} UNet levels")
-    net = UNet(in_channels=c, base_channels=base_channels, channel_mult=tuple(channel_mult),
-               num_res_blocks=num_res_blocks)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        net = UNet(in_channels=c, base_channels=base_channels, channel_mult=tuple(channel_mult),
+                   num_res_blocks=num_res_blocks)
     net.architecture = {"name": "unet", "kwargs": net.config}
     return NetworkDenoiser(net, "edm", make_schedule("edm", sigma_data=sigma_data), image_shape=image_shape)
 
