@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app. Exit codes (docs/reliability.md): 0 gates passed, 1 a gate failed, 2 bad input
     (UserError, usage and I/O errors: one line), 3 internal error (one line), 130 interrupted."""
     _register()
+    if argv is not None and any("\x00" in str(a) for a in argv):
+        fail("an argument contains a NUL byte; no file name can")  # a shell cannot pass one; an API caller can
     try:
         result = app(args=argv, prog_name="memaudit", standalone_mode=False)
     except UserError as exc:

@@ -40,9 +40,26 @@ class FIDResult:
     message: str
 
 
+def _eigh(c: Tensor) -> tuple[Tensor, Tensor]:
+    """eigh of the symmetric part of c; for a degenerate matrix eigh may not converge (repeated eigenvalues of
+    duplicated images): then retried with a ridge of 1e-12 x the mean diagonal, then by SVD (c is PSD)."""
+    sym = (c + c.T) / 2
+    try:
+        return torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        pass
+    ridge = 1e-12 * float(sym.diagonal().abs().mean().clamp_min(1e-300))
+    try:
+        vals, vecs = torch.linalg.eigh(sym + ridge * torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device))
+        return vals - ridge, vecs
+    except torch.linalg.LinAlgError:
+        u, vals, _ = torch.linalg.svd(sym)
+        return vals.flip(0), u.flip(1)
+
+
 def _psd_sqrt(c: Tensor) -> Tensor:
     """Symmetric PSD square root V diag(sqrt(max(l, 0))) V^T by eigh."""
-    vals, vecs = torch.linalg.eigh((c + c.T) / 2)
+    vals, vecs = _eigh(c)
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
@@ -53,7 +70,7 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     cov1, cov2 = cov1.reshape(mu1.numel(), -1), cov2.reshape(mu1.numel(), -1)
     s1 = _psd_sqrt(cov1)
     middle = s1 @ cov2 @ s1
-    tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    tr_covmean = _eigh(middle)[0].clamp_min(0).sqrt().sum()
     diff = mu1 - mu2.to(mu1.device)
     value = diff @ diff + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_covmean
     return max(float(value), 0.0)
@@ -65,20 +82,19 @@ def _gaussian(feats: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def pca_basis(train: Tensor, dims: int = 64, max_fit: int = MAX_PCA_FIT) -> tuple[Tensor, Tensor]:
-    """Training mean and the top min(dims, M-1, d) principal directions (d, r), float64; fitted on at most
-    max_fit evenly spaced training images."""
+    """Training mean and the top min(dims, M-1, d, rank) principal directions (d, r), float64; fitted on at most
+    max_fit evenly spaced training images (directions with a variance below 1e-10 of the largest are dropped:
+    duplicated images give a rank-deficient set)."""
     flat = train.reshape(train.shape[0], -1).double()
     if flat.shape[0] > max_fit:
         flat = flat[torch.linspace(0, flat.shape[0] - 1, max_fit, device=flat.device).round().long()]
     mean = flat.mean(0)
     xc = flat - mean
-    r = max(1, min(dims, xc.shape[0] - 1, xc.shape[1]))
-    if xc.shape[1] <= xc.shape[0]:
-        _, vecs = torch.linalg.eigh(xc.T @ xc)
-        basis = vecs[:, -r:]
-    else:  # Gram trick: eigenvectors of Xc Xc^T mapped back through Xc^T
-        vals, vecs = torch.linalg.eigh(xc @ xc.T)
-        basis = (xc.T @ vecs[:, -r:]) / vals[-r:].clamp_min(1e-300).sqrt()
+    gram = xc.shape[1] > xc.shape[0]  # Gram trick: eigenvectors of Xc Xc^T mapped back through Xc^T
+    vals, vecs = _eigh(xc @ xc.T if gram else xc.T @ xc)
+    rank = int((vals > 1e-10 * vals.max().clamp_min(1e-300)).sum())
+    r = max(1, min(dims, xc.shape[0] - 1, xc.shape[1], rank))
+    basis = (xc.T @ vecs[:, -r:]) / vals[-r:].clamp_min(1e-300).sqrt() if gram else vecs[:, -r:]
     return mean, basis.flip(1)
 
 
