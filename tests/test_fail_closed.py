@@ -278,7 +278,7 @@ def test_6_every_sampler_ends_clean_on_the_memorizing_model(capsys, tmp_path):
     code, report, err = scan(capsys, tmp_path, MODEL, DATA, *args)
     assert code == 0, err
     fractions = {s: report["summary"][f"memorized_fraction_{s.replace('-', '_')}"] for s in samplers}
-    assert min(fractions.values()) >= 0.95, fractions  # was 46.9% for sde on a model the library put at 99.6%
+    assert min(fractions.values()) >= 0.98, fractions  # was 46.9% for sde on a model the library put at 99.6%
 
 
 def vp_checkpoint(tmp_path) -> str:
