@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from memaudit.audit import ScanConfig, run_scan
+from memaudit.scan import ScanConfig, run_scan
 from memaudit.data import load_images
 from memaudit.models.load import load_model
 

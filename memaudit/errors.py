@@ -7,6 +7,18 @@ class UserError(Exception):
     exit_code = 2
 
 
+class SettingError(UserError):
+    """A setting outside its range, worded by the setting's own name ("steps must be >= 1, not 0"); the CLI
+    words it once more with the flag that sets it ("--steps must be >= 1, not 0")."""
+
+    def __init__(self, setting: str, value: object, rule: str):
+        self.setting, self.value, self.rule = setting, value, rule
+        super().__init__(self.worded(setting))
+
+    def worded(self, name: str) -> str:
+        return f"{name} must be {self.rule}, not {self.value}"
+
+
 def first_lines(exc: BaseException, n: int = 1, with_type: bool = False) -> str:
     """The first n non-blank lines of str(exc) joined by spaces; the exception's type name when there are none."""
     text = " ".join([line.strip() for line in str(exc).splitlines() if line.strip()][:n])

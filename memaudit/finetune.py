@@ -75,7 +75,7 @@ def smoothing_target(train: Tensor, temperature: float, k: int, bandwidth: Optio
 def constant_noise_input(denoiser: NetworkDenoiser, p_mean: float) -> float:
     """c = c_noise(exp(P_mean)): the network's own noise input at the median training sigma."""
     sigma = torch.tensor([math.exp(p_mean)], dtype=torch.float64)
-    return float(denoiser.schedule.noise_input(sigma).reshape(-1)[0])
+    return float(denoiser.schedule.c_noise(sigma).reshape(-1)[0])
 
 
 def uncondition(denoiser: NetworkDenoiser, value: float) -> NetworkDenoiser:

@@ -1,6 +1,6 @@
 """CI gates: `--fail-on METRIC OP NUMBER` expressions over the report's summary metrics.
 
-A gate FAILS when its condition is TRUE: `--fail-on memorized_fraction>0.01` fails the run when the
+The gateable names are the report's summary keys (memaudit.metrics.summary_keys). A gate FAILS when its condition is TRUE: `--fail-on memorized_fraction>0.01` fails the run when the
 memorized fraction exceeds 0.01. A metric that was not computed (null in the summary) fails its gate.
 Exit codes: 0 all gates passed (or none given), 1 a gate failed, 2 bad input (UserError).
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from memaudit.errors import UserError
+from memaudit.numbers import finite_or_none
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -23,21 +24,6 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     "==": operator.eq,
     "!=": operator.ne,
 }
-
-# Summary metrics every report carries (value null when the metric was skipped), plus one
-# "memorized_fraction_<sampler>" per sampler run (see sampler_metric()).
-BASE_METRICS: tuple[str, ...] = (
-    "memorized_fraction",
-    "min_nn_ratio",
-    "mean_nn_ratio",
-    "final_entropy",
-    "collapse_sigma",
-    "score_cosine_deviation_small_sigma",
-    "score_cosine_deviation_mean",
-    "jacobian_ratio_max",
-    "fid",
-    "fid_proxy",
-)
 
 EXPECTED_FORM = "expected METRIC OP NUMBER, e.g. 'memorized_fraction>0.01' (OP one of > >= < <= == !=)"
 
@@ -88,17 +74,6 @@ def parse_gates(exprs: Iterable[str | Gate]) -> list[Gate]:
     return [e if isinstance(e, Gate) else parse_gate(e) for e in exprs]
 
 
-def sampler_metric(sampler: str) -> str:
-    """Summary key of one run's memorized fraction: 'memorized_fraction_<sampler>' (name lower-cased,
-    characters outside [a-z0-9_] replaced by '_')."""
-    return "memorized_fraction_" + re.sub(r"[^a-z0-9_]", "_", sampler.lower())
-
-
-def known_metrics(samplers: Iterable[str] = ()) -> list[str]:
-    """Every gateable metric name for a scan with these sampler runs."""
-    return list(BASE_METRICS) + [sampler_metric(s) for s in samplers]
-
-
 def check_gate_metrics(gates: Iterable[Gate], known: Iterable[str]) -> None:
     """Raise UserError if a gate names a metric not in `known` (call before a long scan)."""
     known = list(known)
@@ -107,17 +82,6 @@ def check_gate_metrics(gates: Iterable[Gate], known: Iterable[str]) -> None:
             raise UserError(
                 f"unknown metric {gate.metric!r} in gate {gate.expr!r}; known metrics: {', '.join(known)}"
             )
-
-
-def finite_or_none(value: Any) -> float | None:
-    """float(value) if it is a finite number, else None (JSON null)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def evaluate_gates(gates: Sequence[Gate | str], summary: Mapping[str, Any]) -> list[dict]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from memaudit.report.schema import build_report, curve_section, entropy_section, nn_ratio_section
+from memaudit.metrics.nn_ratio import section as nn_ratio_section
+from memaudit.report.schema import build_report
 
 NUM_SAMPLES = 32
 NUM_TRAIN = 50
@@ -16,6 +17,22 @@ SAMPLERS = ("heun", "sde")
 def karras_sigmas(steps: int = 12, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
     ramp = np.linspace(0, 1, steps)
     return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def entropy_section(sigmas, h) -> dict:
+    """An entropy section from per-sigma, per-sample entropies (S, N), as memaudit.metrics.entropy writes it."""
+    h = np.asarray(h, dtype=np.float64)
+    points = np.exp(h).mean(1)
+    below = np.flatnonzero(points < 2)
+    return {"sigmas": list(map(float, sigmas)), "mean": h.mean(1).tolist(), "median": np.median(h, 1).tolist(),
+            "min": h.min(1).tolist(), "effective_points_mean": points.tolist(), "final_mean": float(h.mean(1)[-1]),
+            "collapse_sigma": float(sigmas[below[0]]) if len(below) else 0.0}
+
+
+def curve_section(sigmas, values) -> dict:
+    """A {"sigmas", "mean", "std"} section from per-sigma, per-point values (S, N)."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"sigmas": list(map(float, sigmas)), "mean": v.mean(1).tolist(), "std": v.std(1).tolist()}
 
 
 def make_report(seed: int = 0, gates=(), samplers=SAMPLERS, with_optional: bool = True) -> dict:
@@ -38,7 +55,7 @@ def make_report(seed: int = 0, gates=(), samplers=SAMPLERS, with_optional: bool 
             "entropy": entropy_section(sigmas, entropy),
             "trajectory_cosine": curve_section(sigmas, traj),
         }
-    optional = {}
+    optional: dict = {}
     if with_optional:
         jac_model = 1.0 + 30.0 / (1.0 + sigmas)
         jac_emp = 1.0 + 60.0 / (1.0 + sigmas)
@@ -55,7 +72,7 @@ def make_report(seed: int = 0, gates=(), samplers=SAMPLERS, with_optional: bool 
         data={"path": "examples/digits/digits.npz", "num_images": NUM_TRAIN, "image_shape": SHAPE},
         settings={"num_samples": NUM_SAMPLES, "seed": seed, "samplers": list(samplers), "steps": len(sigmas),
                   "threshold": 1 / 3, "features": "pixels", "topk": 32, "device": "cpu", "batch_size": 64},
-        runs=runs, gates=gates, **optional,
+        runs=runs, gates=gates, sections=optional,
     )
 
 

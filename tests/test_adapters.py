@@ -10,9 +10,26 @@ import torch
 from torch import nn
 
 from memaudit.denoiser import expand_like
-from memaudit.models.adapters import NetworkDenoiser, denoised_to_output, output_to_denoised
-from memaudit.models.schedules import Schedule, make_schedule
+from memaudit.models.adapters import NetworkDenoiser
+from memaudit.models.parameterisations import PARAMETERISATIONS, to_denoised
+from memaudit.models.schedules import SCHEDULES, Schedule, make_schedule
 
+
+def denoised_to_output(param, d, x, sigma, sigma_data=0.5):
+    """The network output that gives x0_hat = d, written out per parameterisation from the textbook formulas."""
+    s = expand_like(sigma, x)
+    alpha = 1.0 / torch.sqrt(1.0 + s**2)
+    if param == "eps":
+        return (x - d) / s
+    if param == "x0":
+        return d
+    if param == "v":  # v = alpha eps - sigma_vp x0 with x_vp = alpha x, sigma_vp = sigma alpha
+        return alpha * (x - d) / s - s * alpha * d
+    if param == "score":
+        return (d - x) / s**2
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s * sigma_data / torch.sqrt(s**2 + sigma_data**2)
+    return (d - c_skip * x) / c_out
 
 
 class EpsNet(nn.Module):
@@ -47,29 +64,29 @@ class Reparameterised(nn.Module):
     def forward(self, x_in, noise_in):
         sched = self.base.schedule
         sigma = sigma_from_noise_input(sched, noise_in)
-        x = x_in / expand_like(sched.input_scale(sigma), x_in)
+        x = x_in / expand_like(sched.c_in(sigma), x_in)
         return denoised_to_output(self.param, self.base(x, sigma), x, sigma, sched.sigma_data)
 
 
 def test_sigma_data_mapping_of_edm_is_consistent():
     sched = make_schedule("edm", sigma_data=0.5)
     sigma = torch.tensor([0.5], dtype=torch.float64)
-    assert torch.allclose(sched.input_scale(sigma), torch.tensor([1 / math.sqrt(0.5)], dtype=torch.float64))
-    assert torch.allclose(sched.noise_input(sigma), torch.log(sigma) / 4)
+    assert torch.allclose(sched.c_in(sigma), torch.tensor([1 / math.sqrt(0.5)], dtype=torch.float64))
+    assert torch.allclose(sched.c_noise(sigma), torch.log(sigma) / 4)
 
 
-@pytest.mark.parametrize("param", ["eps", "x0", "v", "score", "edm"])
-def test_output_and_denoised_are_inverse(param):
+@pytest.mark.parametrize("param", list(PARAMETERISATIONS))
+def test_scalings_match_the_textbook_formulas(param):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
     d = torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
     sigma = torch.tensor([0.003, 0.2, 3.0, 70.0], dtype=torch.float64)
     out = denoised_to_output(param, d, x, sigma)
-    torch.testing.assert_close(output_to_denoised(param, out, x, sigma), d, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(to_denoised(param, out, x, expand_like(sigma, x)), d, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["vp-linear", "vp-cosine", "ve", "edm"])
-@pytest.mark.parametrize("param", ["x0", "v", "score", "edm"])
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+@pytest.mark.parametrize("param", [p for p in PARAMETERISATIONS if p != "eps"])
 def test_equivalent_networks_give_the_same_denoiser(kind, param):
     sched = make_schedule(kind)
     eps_model = NetworkDenoiser(EpsNet(), "eps", sched)

@@ -169,7 +169,7 @@ def test_crash_while_writing_the_html_report_keeps_the_previous_one(tmp_path, mo
 
 def test_crash_while_writing_a_file_keeps_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "report.json"
-    write_json({"schema": "memaudit.scan/1", "previous": True}, target)
+    write_text_atomic(target, '{"schema": "memaudit.scan/1", "previous": true}\n')
     before = snapshot(tmp_path)
 
     def half(self, text, *args, **kwargs):

@@ -136,7 +136,7 @@ SCAN_CASES = [
     ("resize to a size the model cannot take", ["{MODEL}", "{DATA}", "--resize", "16", *FAST], ["shape mismatch"]),
     ("channels 2", ["{MODEL}", "{DATA}", "--channels", "2"], ["--channels must be 1 or 3"]),
     ("limit 0", ["{MODEL}", "{DATA}", "--limit", "0"], ["--limit"]),
-    ("unknown sampler", ["{MODEL}", "{DATA}", "--sampler", "magic"], ["unknown sampler"]),
+    ("unknown sampler", ["{MODEL}", "{DATA}", "--sampler", "magic"], ["--sampler", "'magic' is not one of", "heun"]),
     ("bad gate", ["{MODEL}", "{DATA}", "--fail-on", "memorized_fraction>>1"], ["gate"]),
     ("json path is a folder", ["{MODEL}", "{DATA}", "--json", "{bad}/empty"], ["is a folder"]),
     ("json under a file", ["{MODEL}", "{DATA}", "--json", "{bad}/afile/r.json"], ["afile is a file"]),

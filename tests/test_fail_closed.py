@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import memaudit.audit as audit
+import memaudit.scan as audit
 from memaudit.models.native import CONFIG_NAME, load_native, make_unet_denoiser, save_native
 from memaudit.models.schedules import make_schedule
 from memaudit.models.adapters import NetworkDenoiser
@@ -380,7 +380,7 @@ def bad_npz(tmp_path, kind: str) -> Path:
     (["empirical:T=2,temperature=3", DATA], "sets temperature twice"),
     ([MODEL, DATA, "--seed", str(2**63)], "--seed"),
     ([MODEL, DATA, "-n", "1000000000", "--batch-size", "1000000000"], "lower --samples or --batch-size"),
-    ([MODEL, DATA, "--fid", "bogus"], "unknown --fid 'bogus'"),
+    ([MODEL, DATA, "--fid", "bogus"], "'bogus' is not one of"),
     ([MODEL, DATA, "--dup-tol", "2"], "--dup-tol must be in [0, 1)"),
 ], ids=["chunk 0", "T inf", "T tiny", "h inf", "repeated key", "repeated alias", "seed 2^63", "huge batch",
         "fid bogus", "dup-tol 2"])
@@ -539,7 +539,8 @@ def test_19_each_batch_is_written_once(tmp_path, monkeypatch):
         return real(target)
 
     monkeypatch.setattr(workdir, "atomic_path", counting)
-    config = audit.ScanConfig(num_samples=24, batch_size=4, samplers=("heun",), steps=4, skip=audit.SKIPPABLE)
+    config = audit.ScanConfig(num_samples=24, batch_size=4, samplers=("heun",), steps=4,
+                              skip=("entropy", "cosine", "jacobian", "fid"))
     audit.run_scan(model, train, config, model_info={"spec": MODEL}, data_info={"path": DATA},
                    workdir=tmp_path / "w")
     assert writes == [f"heun-{i:06d}.pt" for i in range(6)]  # one write per batch, none rewritten

@@ -95,35 +95,48 @@ def test_clean_fid_unavailable_here_is_fast():
         assert result.message == "clean-fid is not installed (pip install 'memaudit[fid]')"
 
 
-def test_clean_fid_without_weights_offline(monkeypatch, tmp_path):
-    monkeypatch.setattr(fidmod, "_import_cleanfid", lambda: types.SimpleNamespace(compute_fid=None))
+def test_clean_fid_without_weights_says_where_to_put_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(fidmod, "_import_cleanfid", lambda: types.SimpleNamespace())
     monkeypatch.setattr(fidmod, "inception_cache_path", lambda: tmp_path / fidmod.INCEPTION_FILE)
-    monkeypatch.setattr(fidmod, "_reachable", lambda host, port=443, timeout=3.0: False)
     result = clean_fid(torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), "cpu")
     assert result.value is None and "Inception weights" in result.message and "\n" not in result.message
 
 
-def test_reachable_never_blocks_long():
-    start = time.time()
-    fidmod._reachable("unreachable.invalid", timeout=1.0)
-    assert time.time() - start < 3
+def test_clean_fid_is_the_frechet_distance_of_inception_features(monkeypatch, tmp_path):
+    """With a stand-in for clean-fid's network and resizer, the FID is the Frechet distance (scipy's sqrtm) of the
+    features of the uint8-quantised images, as clean-fid computes it from PNG folders."""
+    import sys
 
+    proj = torch.randn(64 * 3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
-def test_clean_fid_with_a_fake_cleanfid(monkeypatch, tmp_path):
-    calls = {}
+    class FakeInception(torch.nn.Module):
+        def forward(self, batch):  # (B, 3, H, W) floats 0..255, as clean-fid feeds its Inception
+            return (batch.double().reshape(batch.shape[0], -1) / 255) @ proj
 
-    def fake_compute_fid(fdir1, fdir2, mode="clean", num_workers=12, device=None, verbose=True):
-        calls.update(n1=len(list(Path(fdir1).glob("*.png"))), n2=len(list(Path(fdir2).glob("*.png"))), mode=mode,
-                     num_workers=num_workers, verbose=verbose)
-        return 12.5
-
+    features_mod = types.SimpleNamespace(build_feature_extractor=lambda mode, device=None: FakeInception())
+    resize_mod = types.SimpleNamespace(build_resizer=lambda mode: (lambda a: a.astype(np.float32)))
+    monkeypatch.setitem(sys.modules, "cleanfid", types.SimpleNamespace(features=features_mod, resize=resize_mod))
+    monkeypatch.setitem(sys.modules, "cleanfid.features", features_mod)
+    monkeypatch.setitem(sys.modules, "cleanfid.resize", resize_mod)
     weights = tmp_path / fidmod.INCEPTION_FILE
     weights.write_bytes(b"x")
-    monkeypatch.setattr(fidmod, "_import_cleanfid", lambda: types.SimpleNamespace(compute_fid=fake_compute_fid))
+    monkeypatch.setattr(fidmod, "_import_cleanfid", lambda: types.SimpleNamespace())
     monkeypatch.setattr(fidmod, "inception_cache_path", lambda: weights)
-    result = clean_fid(torch.zeros(3, 1, 8, 8), torch.rand(5, 3, 8, 8), "cpu")
-    assert result == FIDResult(12.5, "clean-fid", result.message) and "3 samples" in result.message
-    assert calls == {"n1": 3, "n2": 5, "mode": "clean", "num_workers": 0, "verbose": False}
+    g = torch.Generator().manual_seed(1)
+    samples, train = torch.rand(30, 1, 8, 8, generator=g) * 2 - 1, torch.rand(40, 1, 8, 8, generator=g) * 2 - 1
+    result = clean_fid(samples, train, "cpu")
+
+    def feats(x):
+        u8 = np.round((np.clip(x.numpy(), -1, 1) + 1) * 127.5).astype(np.float64)  # what a PNG holds
+        rgb = np.repeat(u8, 3, axis=1)
+        return (rgb.reshape(len(rgb), -1) / 255) @ proj.numpy()
+
+    a, b = feats(samples), feats(train)
+    covmean = linalg.sqrtm(np.cov(a, rowvar=False) @ np.cov(b, rowvar=False)).real
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(np.cov(a, rowvar=False) + np.cov(b, rowvar=False)
+                                                           - 2 * covmean)
+    assert result.kind == "clean-fid" and result.value == pytest.approx(want, rel=1e-6)
+    assert "30 samples vs 40 training images" in result.message
 
 
 def test_compute_fid_modes(digits):

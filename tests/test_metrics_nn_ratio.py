@@ -6,8 +6,13 @@ import torch
 
 from memaudit.data import array_to_images, digits_dataset
 from memaudit.errors import UserError
-from memaudit.metrics.nn_ratio import (NNResult, histogram, load_feature_extractor, memorized_fraction, nn_ratios,
-                                       worst_pairs)
+from memaudit.features import FeatureSpace, feature_space
+from memaudit.metrics.nn_ratio import nn_ratios, section
+
+
+def memorized_fraction(ratio, threshold=1 / 3):
+    r = torch.as_tensor(ratio)
+    return section(r, r, torch.ones_like(r), torch.zeros(len(r), dtype=torch.long), threshold)["memorized_fraction"]
 
 
 def numpy_ratios(samples: np.ndarray, train: np.ndarray):
@@ -55,7 +60,7 @@ def test_duplicate_training_images_give_ratio_zero():
 def test_feature_space(digits):
     train, samples = digits[:100], digits[100:130]
     proj = torch.randn(64, 5, generator=torch.Generator().manual_seed(3))
-    feats = lambda x: x.reshape(x.shape[0], -1) @ proj  # noqa: E731
+    feats = FeatureSpace("projection", lambda x: x.reshape(x.shape[0], -1) @ proj)
     result = nn_ratios(samples, train, features=feats, batch_size=16)
     ratio, _, _, nearest = numpy_ratios(feats(samples).numpy(), feats(train).numpy())
     np.testing.assert_allclose(result.ratio.numpy(), ratio, rtol=1e-4, atol=1e-6)
@@ -71,24 +76,23 @@ def test_memorized_fraction_threshold():
     ratio = torch.tensor([0.0, 0.2, 1 / 3, 0.5, 0.9])
     assert memorized_fraction(ratio) == pytest.approx(2 / 5)
     assert memorized_fraction(ratio, threshold=0.6) == pytest.approx(4 / 5)
-    assert memorized_fraction(torch.empty(0)) == 0.0
+    assert memorized_fraction(torch.tensor([0.5, float("nan")])) == pytest.approx(1 / 2)  # non-finite: memorized
 
 
 def test_histogram_clips_into_last_bin():
     ratio = torch.tensor([0.0, 0.05, 0.1, 0.49, 0.5, 0.99, 1.0, 1.7, 3.0])
-    hist = histogram(ratio, bins=4, upper=1.0)
+    hist = section(ratio, ratio, torch.ones(9), torch.zeros(9, dtype=torch.long), bins=4)["histogram"]
     np.testing.assert_allclose(hist["bin_edges"], [0, 0.25, 0.5, 0.75, 1.0])
     ref, _ = np.histogram(np.minimum(ratio.numpy(), 1.0), bins=4, range=(0, 1))
     assert hist["counts"] == ref.tolist() == [3, 1, 1, 4]
-    assert sum(hist["counts"]) == len(ratio)
 
 
 def test_worst_pairs_sorted_with_index_ties():
     r = torch.tensor([0.5, 0.1, 0.1, 0.0, 0.7])
-    res = NNResult(ratio=r, d1=r, d2=torch.ones(5), nearest=torch.zeros(5, dtype=torch.long))
-    assert worst_pairs(res, 3) == [3, 1, 2]
-    assert worst_pairs(res, 10) == [3, 1, 2, 0, 4]
-    assert worst_pairs(res, 0) == []
+    pick = lambda n: section(r, r, torch.ones(5), torch.zeros(5, dtype=torch.long), worst=n)["worst"]  # noqa: E731
+    assert pick(3) == [3, 1, 2]
+    assert pick(10) == [3, 1, 2, 0, 4]
+    assert pick(0) == []
 
 
 class Flatten4(torch.nn.Module):
@@ -107,7 +111,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 def test_load_feature_extractor(tmp_path, digits):
     good = tmp_path / "good.pt"
     torch.jit.script(Flatten4()).save(str(good))
-    feats = load_feature_extractor(str(good), "cpu", probe_shape=(1, 8, 8))
+    feats = feature_space(f"torchscript:{good}", "cpu", (1, 8, 8))
     x = digits[:6]
     assert torch.allclose(feats(x), x.reshape(6, -1)[:, :4] * 2)
     result = nn_ratios(digits[50:60], digits[:50], features=feats)
@@ -119,15 +123,15 @@ def test_load_feature_extractor(tmp_path, digits):
 def test_load_feature_extractor_errors(tmp_path):
     bad_shape = tmp_path / "notflat.pt"
     torch.jit.script(NotFlat()).save(str(bad_shape))
-    feats = load_feature_extractor(str(bad_shape), "cpu")
+    feats = feature_space(str(bad_shape), "cpu")  # a bare path is a TorchScript file
     with pytest.raises(UserError, match=r"\(B, F\)"):
         feats(torch.zeros(2, 1, 4, 4))
     with pytest.raises(UserError):
-        load_feature_extractor(str(bad_shape), "cpu", probe_shape=(1, 4, 4))
+        feature_space(f"torchscript:{bad_shape}", "cpu", (1, 4, 4))
     pickle = tmp_path / "state.pt"
     torch.save({"w": torch.zeros(2)}, str(pickle))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a model")
     for path in (pickle, garbage, tmp_path / "missing.pt"):
         with pytest.raises(UserError, match="TorchScript"):
-            load_feature_extractor(str(path), "cpu")
+            feature_space(f"torchscript:{path}", "cpu")

@@ -108,7 +108,7 @@ def test_on_trajectories_uses_recorded_denoised(train):
             x = torch.randn(size, 1, 4, 4, generator=g) * s
             t(0, s, x, model(x, s))
         trajs.append(t)
-    out = cosine_on_trajectories(None, emp, trajs)
+    out = cosine_on_trajectories(emp, trajs)
     assert out["sigmas"] == sigmas
     for i, s in enumerate(sigmas):
         xs = np.concatenate([t.xs[i].numpy() for t in trajs]).astype(np.float64)
@@ -116,4 +116,4 @@ def test_on_trajectories_uses_recorded_denoised(train):
         ref = numpy_deviation(ds - xs, numpy_empirical(xs, train.numpy(), s) - xs)
         assert out["mean"][i] == pytest.approx(ref.mean(), rel=1e-4, abs=1e-5)
         assert out["std"][i] == pytest.approx(ref.std(), rel=1e-3, abs=1e-5)
-    assert cosine_on_trajectories(None, emp, []) == {"sigmas": [], "mean": [], "std": []}
+    assert cosine_on_trajectories(emp, []) == {"sigmas": [], "mean": [], "std": []}

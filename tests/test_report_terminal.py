@@ -2,7 +2,7 @@ import io
 
 from rich.console import Console
 
-from memaudit.report.schema import collapse_sigma
+from memaudit.metrics.entropy import section_collapse
 from memaudit.report.terminal import print_summary
 
 try:
@@ -24,7 +24,7 @@ def test_summary_contains_runs_metrics_and_gates():
         frac = report["runs"][name]["nn_ratio"]["memorized_fraction"]
         assert f"{frac:.4g}" in text
     ent = report["runs"]["heun"]["entropy"]
-    assert f"{collapse_sigma(ent['sigmas'], ent['effective_points_mean']):.3g}" in text
+    assert f"{section_collapse(ent):.3g}" in text
     assert f"{report['summary']['min_nn_ratio']:.4g}" in text
     assert "score-cosine" in text and "jacobian" in text and f"FID proxy: {report['summary']['fid_proxy']:.5g}" in text
     assert "clean-fid not installed" in text

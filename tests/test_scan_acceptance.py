@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memaudit.audit import ScanConfig, run_scan
+from memaudit.scan import ScanConfig, run_scan
 from memaudit.data import load_images
 from memaudit.denoiser import Denoiser
 from memaudit.empirical import EmpiricalDenoiser

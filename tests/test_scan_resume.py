@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import memaudit.audit as audit
-from memaudit.audit import SampleStore, ScanConfig, run_scan
+import memaudit.scan as audit
+from memaudit.scan import SampleStore, ScanConfig, run_scan
 from memaudit.models.native import load_native
 from memaudit.report import dumps_report
 

@@ -122,7 +122,7 @@ python - "$OUT" <<'PY'
 import math
 import sys
 import torch
-from memaudit.audit import ScanConfig, run_scan
+from memaudit.scan import ScanConfig, run_scan
 from memaudit.data import load_images
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.finetune import FinetuneConfig, finetune

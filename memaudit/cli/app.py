@@ -9,7 +9,8 @@ import sys
 import typer
 
 from memaudit import __version__
-from memaudit.errors import UserError, first_lines, printable
+from memaudit.cli.options import FLAGS
+from memaudit.errors import SettingError, UserError, first_lines, printable
 
 INTERNAL_ERROR = 3  # exit code of a bug in memaudit (never 1, which means "a gate failed")
 
@@ -53,16 +54,13 @@ def _interruptible(func):
 
 
 def _register() -> None:
-    from memaudit.cli import train  # noqa: F401  (each module adds its command to `app`)
-    for name in ("scan", "smooth"):
-        try:
-            __import__(f"memaudit.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"memaudit.cli.{name}":
-                raise
-    for info in app.registered_commands:
-        if info.callback is not None and not getattr(info.callback, "interruptible", False):
-            info.callback = _interruptible(info.callback)
+    """Add the commands (each module defines its command function; the dependency runs app -> commands)."""
+    if app.registered_commands:
+        return
+    from memaudit.cli import scan, smooth, train
+
+    for name, func in (("scan", scan.scan), ("train", train.train), ("smooth", smooth.smooth)):
+        app.command(name)(_interruptible(func))
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -83,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         fail("an argument contains a NUL byte; no file name can")  # a shell cannot pass one; an API caller can
     try:
         result = app(args=argv, prog_name="memaudit", standalone_mode=False)
+    except SettingError as exc:
+        fail(exc.worded(FLAGS.get(exc.setting, exc.setting)))
     except UserError as exc:
         fail(str(exc) or type(exc).__name__)  # ours: one sentence (any newline in a file name is escaped)
     except Interrupted as exc:

@@ -1,13 +1,50 @@
-"""Options shared by several subcommands, and small helpers to turn them into objects."""
+"""Options shared by several subcommands, their choices generated from the tables, and small helpers.
+
+Choices come from the extension-point tables (samplers, metrics, parameterisations, schedules, feature spaces), so
+--help lists what is registered; FLAGS names the flag of each setting a core error speaks of.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import enum
+from typing import Literal, Optional
 
 import torch
 import typer
 
 from memaudit.errors import UserError, printable  # noqa: F401 (printable: for the commands)
+from memaudit.features import describe as describe_features
+from memaudit.metrics import SKIP_CHOICES
+from memaudit.metrics.fid import FID_MODES
+from memaudit.models.parameterisations import PARAMETERISATIONS
+from memaudit.models.schedules import SCHEDULES
+from memaudit.sampling import SAMPLERS
+
+def choices(name: str, values) -> type[enum.Enum]:
+    """A str Enum of the table's names, for repeatable options (typer lists the choices in --help)."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+def values(items) -> list[str]:
+    """The names chosen for a repeatable choice option."""
+    return [getattr(item, "value", item) for item in items]
+
+
+SamplerName = choices("SamplerName", SAMPLERS)
+SkipName = choices("SkipName", SKIP_CHOICES)
+FidMode = Literal[FID_MODES]
+ParamName = Literal[tuple(PARAMETERISATIONS)]
+ScheduleName = Literal[tuple(SCHEDULES)]
+
+# The flag that sets each setting named by a core SettingError (memaudit.errors).
+FLAGS = {"num_samples": "--samples", "samplers": "--sampler", "steps": "--steps", "batch_size": "--batch-size",
+         "threshold": "--threshold", "topk": "--topk", "seed": "--seed", "skip": "--skip", "fid": "--fid",
+         "dup_tol": "--dup-tol", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "lr": "--lr",
+         "ema_decay": "--ema", "checkpoint_every": "--checkpoint-every", "temperature": "--temperature",
+         "k": "--k", "bandwidth": "--bandwidth", "features": "--features", "channels": "--channels",
+         "resize": "--resize", "limit": "--limit", "value_range": "--value-range"}
+FEATURES = typer.Option(None, "--features", help=f"Feature space for NN distances and duplicates: "
+                                                 f"{describe_features()}.")
 
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 RESIZE = typer.Option(None, "--resize", help="Resize every training image to N x N.")
@@ -39,8 +76,9 @@ def positive(value: Optional[float], name: str) -> None:
 
 
 # Checkpoint loader options shared by `scan` and `smooth` (see memaudit.models.load.load_model).
-PARAM = typer.Option(None, "--param", help="Network output: eps, x0, v, score or edm (TorchScript/state dicts).")
-SCHEDULE = typer.Option(None, "--schedule", help="Noise schedule: vp-linear, vp-cosine, ve or edm.")
+PARAM = typer.Option(None, "--param", help="Network output (TorchScript / state dicts; overrides a diffusers "
+                                           "scheduler's prediction_type).")
+SCHEDULE = typer.Option(None, "--schedule", help="Noise schedule (TorchScript / state dicts).")
 FACTORY = typer.Option(None, "--factory", help="package.module:function (or file.py:function) building the network "
                                                "for a state dict.")
 TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module (runs code from the "

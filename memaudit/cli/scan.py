@@ -11,17 +11,17 @@ import typer
 from rich.console import Console
 
 from memaudit.atomic import check_distinct_paths, check_writable
-from memaudit.audit import SKIPPABLE, ScanConfig, run_scan
-from memaudit.cli.app import app
 from memaudit.cli import options as opt
 from memaudit.data import load_dataset, parse_value_range
-from memaudit.duplicates import DEFAULT_TOLERANCE
 from memaudit.errors import UserError
-from memaudit.sampling import DEFAULT_STEPS, SAMPLERS
-from memaudit.gates import check_gate_metrics, exit_code, known_metrics, parse_gates
+from memaudit.gates import check_gate_metrics, exit_code, parse_gates
+from memaudit.metrics import summary_keys
 from memaudit.progress import progress_tracker
-from memaudit.report import print_summary, write_html, write_json, write_junit
+from memaudit.report import attach_gates, print_summary, write_html, write_json, write_junit
 from memaudit.report.html import check_html_folder
+from memaudit.scan import ScanConfig, run_scan
+
+DEFAULTS = ScanConfig()
 
 
 def default_workdir() -> Path:
@@ -32,19 +32,21 @@ def default_workdir() -> Path:
     return Path(base) / "memaudit" / "scans"
 
 
-@app.command()
 def scan(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint (folder or file), or empirical[:T=..,k=..]."),
     data: Path = typer.Argument(..., metavar="DATA", help="Training images: a folder, .npy or .npz."),
-    samples: int = typer.Option(256, "--samples", "-n", min=1, help="Samples per sampler."),
-    sampler: List[str] = typer.Option(["heun", "sde"], "--sampler", help=f"{', '.join(SAMPLERS)}; repeat for several."),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, help="Sampler steps (Karras schedule)."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Samples per batch."),
-    threshold: float = typer.Option(1 / 3, "--threshold", help="NN ratio d1/d2 below this = memorized."),
-    topk: int = typer.Option(16, "--topk", help="K for the top-K entropy of the empirical weights."),
-    features: Optional[str] = typer.Option(None, "--features", help="NN distances in a feature space: a TorchScript extractor path, or inception (clean-fid)."),
-    fid: str = typer.Option("auto", "--fid", help="auto, clean-fid, proxy or off."),
-    skip: List[str] = typer.Option([], "--skip", help=f"Skip a metric: {', '.join(SKIPPABLE)}."),
+    samples: int = typer.Option(DEFAULTS.num_samples, "--samples", "-n", min=1, help="Samples per sampler."),
+    sampler: List[opt.SamplerName] = typer.Option(list(DEFAULTS.samplers), "--sampler",
+                                                  help="Sampler; repeat for several."),
+    steps: int = typer.Option(DEFAULTS.steps, "--steps", min=1, help="Sampler steps (Karras schedule)."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1, help="Samples per batch."),
+    threshold: float = typer.Option(DEFAULTS.threshold, "--threshold", help="NN ratio d1/d2 below this = memorized."),
+    topk: int = typer.Option(DEFAULTS.topk, "--topk", help="K for the top-K entropy of the empirical weights."),
+    features: Optional[str] = opt.FEATURES,
+    fid: opt.FidMode = typer.Option(DEFAULTS.fid, "--fid", help="Quality score: clean-fid's FID, the offline proxy, "
+                                                               "both when clean-fid is present (auto), or none."),
+    skip: List[opt.SkipName] = typer.Option([], "--skip", help="Skip a metric (its section name; cosine = both "
+                                                                "cosine sections)."),
     fail_on: List[str] = typer.Option([], "--fail-on", help="Gate, e.g. 'memorized_fraction>0.01': exit 1 if true."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write an HTML/Markdown report folder here."),
@@ -53,11 +55,11 @@ def scan(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for resumable samples (default: user cache)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training images."),
     value_range: Optional[str] = opt.VALUE_RANGE,
-    dup_tol: float = typer.Option(DEFAULT_TOLERANCE, "--dup-tol", help="Training images closer than this "
+    dup_tol: float = typer.Option(DEFAULTS.dup_tol, "--dup-tol", help="Training images closer than this "
                                   "fraction of the RMS distance between two random training images are "
                                   "near-duplicates (d2 is measured to the nearest distinct image); 0: exact copies only."),
-    param: Optional[str] = opt.PARAM,
-    schedule: Optional[str] = opt.SCHEDULE,
+    param: Optional[opt.ParamName] = opt.PARAM,
+    schedule: Optional[opt.ScheduleName] = opt.SCHEDULE,
     factory: Optional[str] = opt.FACTORY,
     trust_pickle: bool = opt.TRUST_PICKLE,
     sigma_min: Optional[float] = opt.SIGMA_MIN,
@@ -70,8 +72,9 @@ def scan(
     quiet: bool = opt.QUIET,
 ) -> int:
     """Audit MODEL for memorization of the training images DATA."""
+    sampler, skip = opt.values(sampler), opt.values(skip)
     gates = parse_gates(fail_on)
-    check_gate_metrics(gates, known_metrics(sampler))
+    check_gate_metrics(gates, summary_keys(sampler))
     config = ScanConfig(num_samples=samples, samplers=tuple(sampler), steps=steps, seed=seed, batch_size=batch_size,
                         threshold=threshold, topk=topk, features=features, fid=fid, device=device, skip=tuple(skip),
                         sigma_min=sigma_min, sigma_max=sigma_max, dup_tol=dup_tol)
@@ -95,11 +98,12 @@ def scan(
     try:
         with progress_tracker(quiet=quiet) as tracker:
             result = run_scan(denoiser, train, config, model_info=opt.model_info(model, denoiser),
-                              data_info=data_info, gates=gates, task=tracker.task, workdir=root, resume=resume,
+                              data_info=data_info, task=tracker.task, workdir=root, resume=resume,
                               note=lambda line: notes.print(opt.printable(line), markup=False, highlight=False))
     except KeyboardInterrupt:
         raise KeyboardInterrupt("interrupted; the samples drawn so far are saved: run the same command with "
                                 "--resume to continue") from None
+    attach_gates(result.report, gates)
     write_outputs(result, train, json_out, html_out, junit_out)
     if result.workdir is not None:
         shutil.rmtree(result.workdir, ignore_errors=True)  # only once every report is written

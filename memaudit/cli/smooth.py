@@ -12,15 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from memaudit.atomic import check_distinct_paths
-from memaudit.audit import ScanConfig, run_scan
-from memaudit.cli.app import app
+from memaudit.scan import ScanConfig, run_scan
 from memaudit.cli import options as opt
 from memaudit.data import load_images
 from memaudit.errors import UserError
 from memaudit.finetune import FinetuneConfig, finetune
 from memaudit.models.native import is_native
 from memaudit.progress import ProgressTracker, progress_tracker
-from memaudit.report.schema import fmt
+from memaudit.numbers import fmt
 from memaudit.training import TrainConfig
 
 DEFAULT_TEMPERATURE = 2.0
@@ -36,7 +35,6 @@ class Row:
     summary: dict
 
 
-@app.command()
 def smooth(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint to fine-tune (any format `scan` loads)."),
     data: Path = typer.Argument(..., metavar="DATA", help="Its training images: a folder, .npy or .npz."),

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 
 from memaudit.atomic import check_distinct_paths
-from memaudit.cli.app import app
 from memaudit.cli.options import CHANNELS, DEVICE, QUIET, RESIZE, SEED, resolve_device
 from memaudit.data import load_images
 from memaudit.errors import UserError
@@ -18,7 +17,6 @@ from memaudit.progress import progress_tracker
 from memaudit.training import TrainConfig, fit
 
 
-@app.command()
 def train(
     data: Path = typer.Argument(..., metavar="DATA", help="Training images: a folder, .npy or .npz."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),

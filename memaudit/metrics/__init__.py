@@ -1,36 +1,56 @@
-"""Memorization metrics, one module per metric, each a pure function of tensors (see DESIGN.md).
+"""The memorization metrics, one module per metric, listed once here (see memaudit.metrics.base.Metric).
 
-nn_ratio      d1/d2 nearest/second-nearest training distances, fraction memorized (< 1/3)
-entropy       entropy of the top-k empirical weights along sampling trajectories
-score_cosine  1 - cos(D(x,s) - x, D*(x,s) - x) on noisy training points and trajectories
-jacobian      spectral norm of dD/dx (model vs empirical) and one-step sampler expansion
-fid           Frechet distance: clean-fid when installed, plus an offline pixel-PCA proxy
+nn_ratio           d1/d2 nearest/second-nearest distinct training image, fraction memorized (< 1/3)
+entropy            entropy of the top-k empirical weights along sampling trajectories; collapse_sigma
+trajectory_cosine  1 - cos(D(x,s) - x, D*(x,s) - x) at the points the sampler visits
+score_cosine       the same on noisy training points
+jacobian           spectral norm of dD/dx (model vs empirical) and one-step sampler expansion
+fid                Frechet distance: clean-fid's Inception when present, plus an offline pixel-PCA proxy
+
+This list drives --skip (names = section names), the report sections, the gate names, the terminal/HTML rendering
+and the summary table of docs/report-schema.md. Scan-level metrics share one generator, drawn from in this order.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Iterable
 
-import torch
-from torch import Tensor
+from memaudit.metrics import entropy, fid, jacobian, nn_ratio, score_cosine, trajectory_cosine
+from memaudit.metrics.base import RUN, SCAN, Metric, sampler_key
+
+METRICS: tuple[Metric, ...] = (
+    nn_ratio.METRIC,
+    entropy.METRIC,
+    trajectory_cosine.METRIC,
+    score_cosine.METRIC,
+    jacobian.METRIC,
+    fid.METRIC,
+)
+
+BY_NAME = {m.name: m for m in METRICS}
+# --skip names that stand for several sections (kept from before the sections were split)
+SKIP_ALIASES = {"cosine": ("trajectory_cosine", "score_cosine")}
+SKIP_CHOICES = tuple(BY_NAME) + tuple(SKIP_ALIASES)
+RUN_SECTIONS = tuple(m.name for m in METRICS if m.scope == RUN)
+SCAN_SECTIONS = tuple(m.name for m in METRICS if m.scope == SCAN)
 
 
-def device_of(module: Callable, fallback: torch.device) -> torch.device:
-    """The device a denoiser lives on (its `.device`), else `fallback`."""
-    device = getattr(module, "device", None)
-    return torch.device(device) if device is not None else fallback
+def skipped(names: Iterable[str]) -> set[str]:
+    """The section names that --skip NAMES leaves out (aliases expanded)."""
+    out: set[str] = set()
+    for name in names:
+        out.update(SKIP_ALIASES.get(name, (name,)))
+    return out
 
 
-def run_denoiser(denoiser: Callable, x: Tensor, sigma: Tensor | float) -> Tensor:
-    """D(x, sigma) evaluated on the denoiser's device without autograd, returned on x's device and dtype."""
-    device = device_of(denoiser, x.device)
-    if isinstance(sigma, Tensor):
-        sigma = sigma.to(device)
-    with torch.no_grad():
-        return denoiser(x.to(device), sigma).to(x.device, x.dtype)
+def summary_keys(samplers: Iterable[str] = ()) -> list[str]:
+    """Every gateable summary key of a scan with these sampler runs, in METRICS order."""
+    keys: list[str] = []
+    for metric in METRICS:
+        keys += list(metric.summary_keys)
+        keys += [sampler_key(t, s) for t in metric.run_keys for s in samplers]
+    return keys
 
 
-def summary(values: list[Tensor]) -> tuple[float, float]:
-    """(mean, population std) of the concatenated values, as Python floats."""
-    v = torch.cat([t.reshape(-1).double().cpu() for t in values])
-    return float(v.mean()), float(v.std(unbiased=False))
+__all__ = ["METRICS", "BY_NAME", "SKIP_ALIASES", "SKIP_CHOICES", "RUN_SECTIONS", "SCAN_SECTIONS", "skipped",
+           "summary_keys", "Metric"]

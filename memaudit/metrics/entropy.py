@@ -10,13 +10,15 @@ sampler steps, not only at them.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from memaudit.empirical import EmpiricalDenoiser
+from memaudit.metrics.base import RUN, Column, Metric, Plot, RunData, ScanContext, Series
+from memaudit.numbers import finite_or_none
 from memaudit.sampling import Trajectory
 
 COLLAPSE_POINTS = 2.0  # effective number of training points exp(H) below which one image has taken over
@@ -101,3 +103,74 @@ def trajectory_entropy(empirical: EmpiricalDenoiser, trajectories: list[Trajecto
     out["collapse_sigma"] = collapse_sigma(empirical, trajectories, k, out["sigmas"],
                                            out["effective_points_mean"], labels)
     return out
+
+
+def grid_collapse_sigma(sigmas, effective_points, below: float = COLLAPSE_POINTS) -> float:
+    """The first recorded sigma (descending) at which mean exp(H) < `below`; 0 if it never drops (a section
+    without a bisected collapse_sigma)."""
+    for sigma, points in zip(sigmas, effective_points):
+        if finite_or_none(points) is not None and float(points) < below and finite_or_none(sigma) is not None:
+            return float(sigma)
+    return 0.0
+
+
+def section_collapse(ent: Mapping) -> float:
+    """A section's collapse_sigma: the bisected value, else the first step below two effective points."""
+    value = finite_or_none(ent.get("collapse_sigma"))
+    return value if value is not None else grid_collapse_sigma(ent.get("sigmas") or [],
+                                                               ent.get("effective_points_mean") or [])
+
+
+class Entropy(Metric):
+    name = "entropy"
+    scope = RUN
+    title = "Top-K entropy of the empirical weights"
+    needs_trajectories = True
+    summary_keys = {
+        "final_entropy": "min over runs of `entropy.final_mean` (nats); at the smallest sigma this is ~0 for every "
+                         "model, since any image is close to one training point at that noise level",
+        "collapse_sigma": "max over runs of `entropy.collapse_sigma`: the noise level where a single training image "
+                          "takes over the trajectory (0 if it never does), located between the sampler's steps. "
+                          "Memorizing models collapse early (large sigma)",
+    }
+    columns = (Column("collapse sigma", lambda s: section_collapse(s) if s.get("sigmas") else None, digits=3),)
+
+    def compute(self, ctx: ScanContext, run: Optional[RunData] = None) -> dict:
+        return trajectory_entropy(ctx.empirical, run.trajectories, ctx.config.topk, labels=ctx.duplicates.labels)
+
+    def summarize(self, sections: Mapping[str, Mapping]) -> dict:
+        finals = [float(e["final_mean"]) for e in sections.values() if finite_or_none(e.get("final_mean")) is not None]
+        collapses = [section_collapse(e) for e in sections.values() if e.get("sigmas")]
+        return {"final_entropy": min(finals) if finals else None,
+                "collapse_sigma": max(collapses) if collapses else None}
+
+    def validate(self, section, c, where: str) -> None:
+        c.curves(section, where, ("mean", "median", "min", "effective_points_mean"))
+        c.dict(section, where, ("final_mean",))
+        c.num(section["final_mean"], f"{where}.final_mean", nullable=True)
+        if "collapse_sigma" in section:
+            c.num(section["collapse_sigma"], f"{where}.collapse_sigma", nullable=True)
+
+    def lines(self, report: Mapping) -> list[str]:
+        if not self.sections(report):
+            return []
+        return ["collapse sigma = noise level where one training image takes over the sampling path (fewer than 2 "
+                "effective points; larger = earlier)"]
+
+    def plots(self, report: Mapping) -> list[Plot]:
+        sections = self.sections(report)
+        entropy, points = [], []
+        for name in sorted(sections):
+            ent = sections[name]
+            entropy += [Series(f"{name} mean", ent["sigmas"], ent["mean"], run=name),
+                        Series(f"{name} min", ent["sigmas"], ent["min"], run=name, dash=True)]
+            points.append(Series(name, ent["sigmas"], ent["effective_points_mean"], run=name))
+        if not entropy:
+            return []
+        positive = [finite_or_none(v) for s in points for v in s.y]
+        return [Plot("Top-K entropy along the trajectory", "entropy (nats)", entropy, include_y=(0.0,)),
+                Plot("Effective number of training points, mean exp(H)", "exp(H)", points,
+                     logy=all(v is None or v > 0 for v in positive), include_y=(1.0,))]
+
+
+METRIC = Entropy()

@@ -8,25 +8,21 @@ numbers; use it only to compare runs on the same training set.
 
 from __future__ import annotations
 
-import inspect
 import platform
-import socket
-import tempfile
-import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from memaudit.data import to_uint8
-from memaudit.errors import UserError
+from memaudit.errors import UserError, first_lines
+from memaudit.metrics.base import SCAN, Metric, RunData, ScanContext
+from memaudit.numbers import finite_or_none, fmt
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
-INCEPTION_HOST = "nvlabs-fi-cdn.nvidia.com"
 FID_MODES = ("auto", "clean-fid", "proxy", "off")
 MAX_PCA_FIT = 5000
 
@@ -127,64 +123,31 @@ def cleanfid_available() -> bool:
 
 
 def inception_cache_path() -> Path:
-    """Where clean-fid looks for (and downloads) its Inception weights: /tmp on POSIX, ./ on Windows."""
+    """Where clean-fid looks for its Inception weights: /tmp on POSIX, ./ on Windows."""
     return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """True if a TCP connection to host:port opens within `timeout` seconds (DNS included; never blocks longer)."""
-    result = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result)
-
-
-def _write_pngs(images: Tensor, folder: Path) -> None:
-    """Save images (N, C, H, W) in [-1, 1] as RGB PNGs."""
-    for i, arr in enumerate(to_uint8(images)):
-        arr = np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
-        Image.fromarray(arr).save(folder / f"{i:06d}.png")
-
-
-def _cleanfid_kwargs(fn, device) -> dict:
-    kwargs = {"mode": "clean", "num_workers": 0, "device": torch.device(device), "verbose": False,
-              "use_dataparallel": False}
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
-def clean_fid(samples: Tensor, train: Tensor, device, allow_download: bool = True) -> FIDResult:
-    """FID between samples and training images with clean-fid (Inception pool3, mode 'clean'), via temp PNGs."""
-    fid = _import_cleanfid()
-    if fid is None:
+def clean_fid(samples: Tensor, train: Tensor, device) -> FIDResult:
+    """FID between samples and training images with clean-fid's Inception (pool3, mode 'clean'), computed in
+    memory from features of the images quantised to uint8 (as clean-fid's folders hold them); no download."""
+    if _import_cleanfid() is None:
         return FIDResult(None, "clean-fid", "clean-fid is not installed (pip install 'memaudit[fid]')")
-    weights = inception_cache_path()
-    if not weights.is_file() and not (allow_download and _reachable(INCEPTION_HOST)):
-        return FIDResult(None, "clean-fid", f"clean-fid's Inception weights are not at {weights} and "
-                         f"{INCEPTION_HOST} is unreachable; copy {INCEPTION_FILE} there to compute FID offline")
     if samples.shape[0] < 2 or train.shape[0] < 2:
         return FIDResult(None, "clean-fid", "FID needs at least 2 samples and 2 training images")
     try:
-        with tempfile.TemporaryDirectory(prefix="memaudit-fid-") as tmp:
-            gen_dir, ref_dir = Path(tmp, "samples"), Path(tmp, "train")
-            gen_dir.mkdir()
-            ref_dir.mkdir()
-            _write_pngs(samples, gen_dir)
-            _write_pngs(train, ref_dir)
-            value = fid.compute_fid(str(gen_dir), str(ref_dir), **_cleanfid_kwargs(fid.compute_fid, device))
-    except Exception as exc:
-        return FIDResult(None, "clean-fid", f"clean-fid failed: {exc.__class__.__name__}: {str(exc).strip()[:200]}")
+        features = inception_features(device)
+        mu1, c1 = _gaussian(_batched(features, samples).double())
+        mu2, c2 = _gaussian(_batched(features, train).double())
+    except UserError as exc:
+        return FIDResult(None, "clean-fid", str(exc))
+    except Exception as exc:  # noqa: BLE001 - the optional package's failure is reported, not raised
+        return FIDResult(None, "clean-fid", f"clean-fid failed: {first_lines(exc, with_type=True)[:200]}")
     counts = f"{samples.shape[0]} samples vs {train.shape[0]} training images"
-    return FIDResult(float(value), "clean-fid", f"clean-fid (Inception, mode=clean), {counts}")
+    return FIDResult(frechet_distance(mu1, c1, mu2, c2), "clean-fid", f"clean-fid (Inception, mode=clean), {counts}")
+
+
+def _batched(features: Callable[[Tensor], Tensor], images: Tensor, batch: int = 64) -> Tensor:
+    return torch.cat([features(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
 
 
 def proxy_result(samples: Tensor, train: Tensor, dims: int = 64) -> FIDResult:
@@ -208,17 +171,17 @@ def compute_fid(samples: Tensor, train: Tensor, device, mode: str = "auto") -> l
     return results
 
 
-def inception_feature_extractor(device) -> Callable[[Tensor], Tensor]:
+def inception_features(device) -> Callable[[Tensor], Tensor]:
     """clean-fid's Inception pool3 features (B, 2048) for images in [-1, 1], resized the clean-fid way.
 
     UserError when clean-fid cannot be imported or its weights are not already on disk (no download).
     """
-    fid = _import_cleanfid()
-    if fid is None:
-        raise UserError("--features inception needs clean-fid (pip install 'memaudit[fid]')")
+    if _import_cleanfid() is None:
+        raise UserError("the inception feature space needs clean-fid (pip install 'memaudit[fid]')")
     weights = inception_cache_path()
     if not weights.is_file():
-        raise UserError(f"--features inception needs clean-fid's Inception weights at {weights}")
+        raise UserError(f"clean-fid's Inception weights are not at {weights}: copy {INCEPTION_FILE} there (nothing "
+                        "is downloaded)")
     from cleanfid.features import build_feature_extractor
     from cleanfid.resize import build_resizer
 
@@ -232,3 +195,47 @@ def inception_feature_extractor(device) -> Callable[[Tensor], Tensor]:
             return model(batch).detach().float().cpu().reshape(x.shape[0], -1)
 
     return features
+
+
+FID_KINDS = ("clean-fid", "proxy")
+
+
+class FID(Metric):
+    name = "fid"
+    scope = SCAN
+    title = "Quality (Frechet distance)"
+    summary_keys = {"fid": "value of the `clean-fid` entry of `fid`", "fid_proxy": "value of the `proxy` entry of `fid`"}
+
+    def compute(self, ctx: ScanContext, run: Optional[RunData] = None) -> Optional[list]:
+        if ctx.config.fid == "off":
+            return None
+        first = ctx.runs[next(iter(ctx.runs))].samples
+        return [asdict(r) for r in compute_fid(first, ctx.train.cpu(), ctx.config.device, mode=ctx.config.fid)]
+
+    def summarize(self, entries: Optional[list]) -> dict:
+        out = {"fid": None, "fid_proxy": None}
+        for entry in entries or []:
+            key = {"clean-fid": "fid", "proxy": "fid_proxy"}.get(entry.get("kind"))
+            if key and out[key] is None:
+                out[key] = finite_or_none(entry.get("value"))
+        return out
+
+    def validate(self, entries, c, where: str) -> None:
+        for i, entry in enumerate(c.list(entries, where)):
+            at = f"{where}[{i}]"
+            c.dict(entry, at, ("value", "kind", "message"))
+            c.num(entry["value"], f"{at}.value", nullable=True)
+            if entry["kind"] not in FID_KINDS:
+                c.fail(f"{at}.kind", f"must be one of {list(FID_KINDS)}, got {entry['kind']!r}")
+            c.str(entry["message"], f"{at}.message")
+
+    def lines(self, report: Mapping) -> list[str]:
+        out = []
+        for entry in self.sections(report) or []:
+            label = "FID (clean-fid)" if entry.get("kind") == "clean-fid" else "FID proxy"
+            message = f" - {entry['message']}" if entry.get("message") else ""
+            out.append(f"{label}: {fmt(entry.get('value'), 5)}{message}")
+        return out
+
+
+METRIC = FID()

@@ -10,13 +10,16 @@ symmetric PSD, so power iteration on J itself with the analytic EmpiricalDenoise
 from __future__ import annotations
 
 import contextlib
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from memaudit.denoiser import Denoiser, as_sigma
 from memaudit.empirical import EmpiricalDenoiser
-from memaudit.metrics import device_of
+from memaudit.metrics.base import SCAN, Metric, Plot, RunData, ScanContext, Series
+from memaudit.metrics.helpers import device_of
+from memaudit.numbers import finite, finite_or_none, fmt
 from memaudit.sampling import SAMPLERS
 
 TINY = 1e-30
@@ -124,3 +127,46 @@ def jacobian_profile(model: Denoiser, empirical: EmpiricalDenoiser, x0: Tensor, 
         expansion = step_expansion(model, x, sigma, s_next, generator=generator, sampler=sampler)
         out["step_expansion"].append(float(expansion.double().mean()))
     return out
+
+
+class Jacobian(Metric):
+    name = "jacobian"
+    scope = SCAN
+    title = "Jacobian expansion"
+    summary_keys = {"jacobian_ratio_max": "max of `jacobian.ratio`"}
+
+    def compute(self, ctx: ScanContext, run: Optional[RunData] = None) -> dict:
+        cfg = ctx.config
+        pick = torch.randperm(ctx.train.shape[0], generator=ctx.generator)[: cfg.jacobian_points]
+        return jacobian_profile(ctx.model, ctx.empirical, ctx.train[pick.to(ctx.train.device)], ctx.sigmas,
+                                ctx.generator, iters=cfg.jacobian_iters, sampler=cfg.samplers[0])
+
+    def summarize(self, jac: Optional[Mapping]) -> dict:
+        ratios = finite((jac or {}).get("ratio") or [])
+        return {"jacobian_ratio_max": max(ratios) if ratios else None}
+
+    def validate(self, section, c, where: str) -> None:
+        c.curves(section, where, ("model", "empirical", "ratio", "step_expansion"))
+
+    def lines(self, report: Mapping) -> list[str]:
+        if self.sections(report) is None:
+            return []
+        value = (report.get("summary") or {}).get("jacobian_ratio_max")
+        return [f"jacobian spectral norm ratio model/empirical: max {fmt(value)}"]
+
+    def plots(self, report: Mapping) -> list[Plot]:
+        jac = self.sections(report)
+        if not jac:
+            return []
+        pos = finite(list(jac["model"]) + list(jac["empirical"]))
+        logy = bool(pos) and min(pos) > 0 and max(pos) / min(pos) > 20
+        plots = [Plot("Jacobian spectral norm ||dD/dx||", "spectral norm", [
+            Series("model", jac["sigmas"], jac["model"]),
+            Series("empirical", jac["sigmas"], jac["empirical"], dash=True)], logy=logy)]
+        if any(finite_or_none(v) is not None for v in jac["step_expansion"]):
+            plots.append(Plot("Sampler step expansion ||Phi(x+d)-Phi(x)|| / ||d||", "expansion",
+                              [Series("step expansion", jac["sigmas"], jac["step_expansion"])], include_y=(1.0,)))
+        return plots
+
+
+METRIC = Jacobian()

@@ -7,11 +7,16 @@ else 0.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from typing import Mapping, Optional
+
 from memaudit.denoiser import Denoiser
-from memaudit.metrics import run_denoiser, summary
+from memaudit.metrics.base import SCAN, Metric, Plot, RunData, ScanContext, Series
+from memaudit.metrics.helpers import run_denoiser, summary
+from memaudit.numbers import finite_or_none, fmt
 from memaudit.sampling import Trajectory
 
 ZERO_TOL = 1e-6  # a vector is "zero" if its norm is <= ZERO_TOL * max(||x||, 1)
@@ -48,8 +53,8 @@ def cosine_on_training_points(model: Denoiser, empirical: Denoiser, train: Tenso
     return out
 
 
-def cosine_on_trajectories(model: Denoiser, empirical: Denoiser, trajectories: list[Trajectory]) -> dict:
-    """Mean/std deviation per recorded step, using the recorded x and the model's recorded D(x) (model unused)."""
+def cosine_on_trajectories(empirical: Denoiser, trajectories: list[Trajectory]) -> dict:
+    """Mean/std deviation per recorded step, between the model's recorded D(x) and the empirical D*(x)."""
     out = {"sigmas": [], "mean": [], "std": []}
     if not trajectories:
         return out
@@ -67,3 +72,53 @@ def _append(out: dict, sigma: float, values: list[Tensor]) -> None:
     out["sigmas"].append(float(sigma))
     out["mean"].append(mean)
     out["std"].append(std)
+
+
+def validate_curve(section, c, where: str) -> None:
+    c.curves(section, where, ("mean", "std"))
+
+
+class ScoreCosine(Metric):
+    name = "score_cosine"
+    scope = SCAN
+    title = "Score-cosine deviation on noisy training points"
+    summary_keys = {
+        "score_cosine_deviation_small_sigma": "`score_cosine.mean` at the smallest sigma",
+        "score_cosine_deviation_mean": "mean of `score_cosine.mean` over sigmas",
+    }
+
+    def compute(self, ctx: ScanContext, run: Optional[RunData] = None) -> dict:
+        return cosine_on_training_points(ctx.model, ctx.empirical, ctx.train, ctx.sigmas, ctx.config.cosine_points,
+                                         ctx.generator)
+
+    def summarize(self, sc: Optional[Mapping]) -> dict:
+        out = {key: None for key in self.summary_keys}
+        pairs = [(s, m) for s, m in zip((sc or {}).get("sigmas") or [], (sc or {}).get("mean") or [])
+                 if finite_or_none(s) is not None and finite_or_none(m) is not None]
+        if pairs:
+            out["score_cosine_deviation_small_sigma"] = float(min(pairs, key=lambda p: p[0])[1])
+            out["score_cosine_deviation_mean"] = float(np.mean([m for _, m in pairs]))
+        return out
+
+    def validate(self, section, c, where: str) -> None:
+        validate_curve(section, c, where)
+
+    def lines(self, report: Mapping) -> list[str]:
+        if self.sections(report) is None:
+            return []
+        summary = report.get("summary") or {}
+        return [f"score-cosine deviation on noisy training points: "
+                f"{fmt(summary.get('score_cosine_deviation_small_sigma'))} at the smallest sigma, "
+                f"{fmt(summary.get('score_cosine_deviation_mean'))} mean over sigmas (0 = empirical score)"]
+
+    def plots(self, report: Mapping) -> list[Plot]:
+        sc = self.sections(report)
+        if not sc:
+            return []
+        return [Plot(COSINE_PLOT, COSINE_YLABEL, [Series("training points", sc["sigmas"], sc["mean"], dash=True,
+                                                         color="#000000")], include_y=(0.0,))]
+
+
+COSINE_PLOT = "Score-cosine deviation 1 - cos(model, empirical)"
+COSINE_YLABEL = "deviation (0 = empirical score)"
+METRIC = ScoreCosine()

@@ -1,11 +1,8 @@
 """Adapters: wrap a raw network net(x_in, noise_in) with a parameterisation and a schedule into D(x, sigma).
 
-Parameterisations (alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma * alpha, x_vp = alpha * x):
-  eps:   D = x - sigma * eps
-  x0:    D = out
-  v:     D = alpha * x_vp - sigma_vp * v           (v = alpha * eps - sigma_vp * x0)
-  score: D = x + sigma^2 * out
-  edm:   D = c_skip * x + c_out * F,  c_skip = sd^2/(sigma^2+sd^2), c_out = sigma*sd/sqrt(sigma^2+sd^2)
+D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), with (c_skip, c_out) from the
+parameterisation table (memaudit.models.parameterisations) and (c_in, c_noise) from the schedule table
+(memaudit.models.schedules), as EDM's EDMPrecond and k-diffusion's external.py denoisers compose them.
 """
 
 from __future__ import annotations
@@ -17,47 +14,10 @@ from torch import Tensor, nn
 
 from memaudit.denoiser import Denoiser, expand_like
 from memaudit.errors import UserError
+from memaudit.models.parameterisations import PARAMETERISATIONS, check_parameterisation, to_denoised
 from memaudit.models.schedules import Schedule
 
-PARAMETERISATIONS = ("eps", "x0", "v", "score", "edm")
-
-
-def output_to_denoised(param: str, out: Tensor, x: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
-    """Convert a network output under parameterisation `param` to x0_hat = D(x, sigma)."""
-    s = expand_like(sigma, x)
-    if param == "eps":
-        return x - s * out
-    if param == "x0":
-        return out
-    if param == "v":
-        alpha = 1.0 / torch.sqrt(1.0 + s**2)
-        return alpha * (alpha * x) - (s * alpha) * out
-    if param == "score":
-        return x + s**2 * out
-    if param == "edm":
-        c_skip = sigma_data**2 / (s**2 + sigma_data**2)
-        c_out = s * sigma_data / torch.sqrt(s**2 + sigma_data**2)
-        return c_skip * x + c_out * out
-    raise UserError(f"unknown parameterisation {param!r}; choose one of {', '.join(PARAMETERISATIONS)}")
-
-
-def denoised_to_output(param: str, d: Tensor, x: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
-    """Inverse of `output_to_denoised`: the network output that would give x0_hat = d."""
-    s = expand_like(sigma, x)
-    if param == "eps":
-        return (x - d) / s
-    if param == "x0":
-        return d
-    if param == "v":
-        alpha = 1.0 / torch.sqrt(1.0 + s**2)
-        return (alpha * alpha * x - d) / (s * alpha)
-    if param == "score":
-        return (d - x) / s**2
-    if param == "edm":
-        c_skip = sigma_data**2 / (s**2 + sigma_data**2)
-        c_out = s * sigma_data / torch.sqrt(s**2 + sigma_data**2)
-        return (d - c_skip * x) / c_out
-    raise UserError(f"unknown parameterisation {param!r}; choose one of {', '.join(PARAMETERISATIONS)}")
+__all__ = ["PARAMETERISATIONS", "NetworkDenoiser", "network_output"]
 
 
 def network_output(out) -> Tensor:
@@ -93,8 +53,7 @@ class NetworkDenoiser(Denoiser):
                  image_shape: Optional[tuple[int, int, int]] = None,
                  fixed_noise_input: Optional[float] = None):
         super().__init__()
-        if param not in PARAMETERISATIONS:
-            raise UserError(f"unknown parameterisation {param!r}; choose one of {', '.join(PARAMETERISATIONS)}")
+        check_parameterisation(param)
         self.net = net
         self.param = param
         self.schedule = schedule
@@ -112,11 +71,11 @@ class NetworkDenoiser(Denoiser):
 
     def network_inputs(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(x_in, noise_in) that the wrapped network expects for EDM input x at noise level sigma."""
-        x_in = expand_like(self.schedule.input_scale(sigma), x) * x
+        x_in = expand_like(self.schedule.c_in(sigma), x) * x
         if self.fixed_noise_input is not None:
             noise_in = torch.full_like(sigma, float(self.fixed_noise_input))
         else:
-            noise_in = self.schedule.noise_input(sigma)
+            noise_in = self.schedule.c_noise(sigma)
         return x_in, noise_in
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
@@ -124,4 +83,4 @@ class NetworkDenoiser(Denoiser):
         out = network_output(self.net(x_in, noise_in))
         if out.shape != x.shape:
             raise UserError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-        return output_to_denoised(self.param, out.to(x.dtype), x, sigma, self.schedule.sigma_data)
+        return to_denoised(self.param, out.to(x.dtype), x, expand_like(sigma, x), self.schedule.sigma_data)

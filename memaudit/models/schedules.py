@@ -1,21 +1,25 @@
-"""Noise schedules: how a network expects its input x and noise level, given the EDM sigma.
+"""Noise schedules: how a network expects its input x and noise level, given the EDM sigma; one table of kinds.
 
-VP (discrete DDPM timesteps): x_vp = x / sqrt(1 + sigma^2), abar_t = 1 / (1 + sigma^2),
-sigma_t = sqrt((1 - abar_t) / abar_t); fractional t by interpolating log sigma between timesteps.
-VE: the network sees x and sigma as they are.  EDM: x_in = c_in * x, noise input c_noise = ln(sigma) / 4.
+Each kind gives c_in(sigma) (the input scale) and c_noise(sigma) (the network's noise input), as EDM's
+preconditioning classes and k-diffusion's DiscreteSchedule do:
+  vp-*  discrete DDPM timesteps: c_in = 1/sqrt(1 + sigma^2) (x_vp = x / sqrt(1 + sigma^2)), c_noise = t with
+        abar_t = 1 / (1 + sigma^2), sigma_t = sqrt((1 - abar_t) / abar_t); fractional t by interpolating log sigma
+        between timesteps (vp-linear: DDPM's betas, vp-cosine: Nichol & Dhariwal's; any betas via alphas_cumprod)
+  ve    the network sees x and sigma as they are: c_in = 1, c_noise = sigma
+  edm   c_in = 1/sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from memaudit.errors import UserError
 
-SCHEDULES = ("vp-linear", "vp-cosine", "ve", "edm")
 
 
 def linear_betas(n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -48,21 +52,13 @@ class Schedule:
     alphas_cumprod: Tensor | None = field(default=None, repr=False)
     round_timesteps: bool = False
 
-    def input_scale(self, sigma: Tensor) -> Tensor:
-        """Factor the network's input is multiplied by: 1/sqrt(1+sigma^2) (VP), 1 (VE), c_in (EDM)."""
-        if self.kind.startswith("vp"):
-            return 1.0 / torch.sqrt(1.0 + sigma**2)
-        if self.kind == "edm":
-            return 1.0 / torch.sqrt(sigma**2 + self.sigma_data**2)
-        return torch.ones_like(sigma)
+    def c_in(self, sigma: Tensor) -> Tensor:
+        """Factor the network's input is multiplied by: 1/sqrt(1+sigma^2) (VP), 1 (VE), 1/sqrt(sigma^2+sd^2) (EDM)."""
+        return SCHEDULES[self.kind].c_in(self, sigma)
 
-    def noise_input(self, sigma: Tensor) -> Tensor:
+    def c_noise(self, sigma: Tensor) -> Tensor:
         """The network's noise-level input: timestep t (VP), sigma (VE), ln(sigma)/4 (EDM)."""
-        if self.kind.startswith("vp"):
-            return self.sigma_to_t(sigma)
-        if self.kind == "edm":
-            return torch.log(sigma) / 4
-        return sigma
+        return SCHEDULES[self.kind].c_noise(self, sigma)
 
     @property
     def discrete_sigmas(self) -> Tensor:
@@ -98,20 +94,47 @@ def vp_schedule(kind: str, betas: Tensor, round_timesteps: bool = False) -> Sche
     return Schedule(kind, float(sig[0]), float(sig[-1]), alphas_cumprod=abar, round_timesteps=round_timesteps)
 
 
+@dataclass(frozen=True)
+class ScheduleKind:
+    """A table entry: the two input functions of a schedule and its default instance."""
+
+    c_in: Callable[[Schedule, Tensor], Tensor]
+    c_noise: Callable[[Schedule, Tensor], Tensor]
+    default: Callable[[float, int], Schedule]  # (sigma_data, num_timesteps) -> Schedule
+    summary: str
+
+
+def _vp_c_in(sched: Schedule, sigma: Tensor) -> Tensor:
+    return 1.0 / torch.sqrt(1.0 + sigma**2)
+
+
+def _vp(kind: str, betas: Callable[[int], Tensor]) -> Callable[[float, int], Schedule]:
+    def default(sigma_data: float, n: int) -> Schedule:
+        sched = vp_schedule(kind, betas(n))
+        sched.sigma_data = sigma_data
+        return sched
+    return default
+
+
+SCHEDULES: dict[str, ScheduleKind] = {
+    "vp-linear": ScheduleKind(_vp_c_in, Schedule.sigma_to_t, _vp("vp-linear", linear_betas),
+                              "discrete VP, DDPM linear betas 1e-4..0.02 (Ho et al. 2020)"),
+    "vp-cosine": ScheduleKind(_vp_c_in, Schedule.sigma_to_t, _vp("vp-cosine", cosine_betas),
+                              "discrete VP, cosine betas (Nichol & Dhariwal 2021)"),
+    "ve": ScheduleKind(lambda s, sigma: torch.ones_like(sigma), lambda s, sigma: sigma,
+                       lambda sd, n: Schedule("ve", 0.01, 50.0, sd), "VE: x and sigma as they are (Song et al. 2021)"),
+    "edm": ScheduleKind(lambda s, sigma: 1.0 / torch.sqrt(sigma**2 + s.sigma_data**2),
+                        lambda s, sigma: torch.log(sigma) / 4, lambda sd, n: Schedule("edm", 0.002, 80.0, sd),
+                        "EDM: c_in = 1/sqrt(sigma^2 + sd^2), c_noise = ln(sigma)/4 (Karras et al. 2022)"),
+}
+
+
 def make_schedule(kind: str, sigma_min: float | None = None, sigma_max: float | None = None,
                   sigma_data: float = 0.5, num_timesteps: int = 1000) -> Schedule:
     """Build a named schedule (vp-linear, vp-cosine, ve, edm); sigma_min/max override the defaults."""
-    if kind == "vp-linear":
-        sched = vp_schedule(kind, linear_betas(num_timesteps))
-    elif kind == "vp-cosine":
-        sched = vp_schedule(kind, cosine_betas(num_timesteps))
-    elif kind == "ve":
-        sched = Schedule(kind, 0.01, 50.0, sigma_data)
-    elif kind == "edm":
-        sched = Schedule(kind, 0.002, 80.0, sigma_data)
-    else:
+    if kind not in SCHEDULES:
         raise UserError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
-    return set_sigma_range(sched, sigma_min, sigma_max)
+    return set_sigma_range(SCHEDULES[kind].default(sigma_data, num_timesteps), sigma_min, sigma_max)
 
 
 def set_sigma_range(sched: Schedule, sigma_min: float | None = None, sigma_max: float | None = None) -> Schedule:

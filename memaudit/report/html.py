@@ -18,11 +18,14 @@ from torch import Tensor
 
 from memaudit.atomic import atomic_dir, write_text_atomic
 from memaudit.errors import UserError
+from memaudit.metrics import METRICS
+from memaudit.metrics.base import RUN, Histogram, Note, PairGrid, Plot
+from memaudit.numbers import finite_or_none, fmt
 from memaudit.report.images import auto_upscale, image_grid, pairs_grid, save_png
-from memaudit.report.schema import finite_or_none, fmt
+from memaudit.report.terminal import cell, run_columns, statements
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-REPORT_FILES = re.compile(r"(index\.html|report\.md|(worst|samples)_[A-Za-z0-9_.-]*\.png)")
+REPORT_FILES = re.compile(r"(index\.html|report\.md|[a-z]+_[A-Za-z0-9_.-]*\.png)")
 
 W, H = 640, 320
 ML, MR, MT, MB = 64, 170, 34, 48  # margins: left, right (legend), top (title), bottom (axis label)
@@ -214,15 +217,17 @@ def check_html_folder(folder: str | os.PathLike) -> None:
                             f"HTML report (e.g. {foreign[0]}); choose an empty or dedicated folder")
 
 
-def _worst_pairs(nn: Mapping[str, Any], limit: int) -> list[dict]:
-    by_index = {s["index"]: s for s in nn.get("samples") or []}
-    return [by_index[i] for i in (nn.get("worst") or [])[:limit] if i in by_index]
+def run_evidence(report: Mapping[str, Any], run: str) -> list:
+    """Every run metric's figures for one run (Note, Histogram, PairGrid), in METRICS order."""
+    sections = (report.get("runs") or {}).get(run) or {}
+    return [block for m in METRICS if m.scope == RUN and m.name in sections
+            for block in m.evidence(run, sections[m.name])]
 
 
-def _images_for_run(tmp: Path, fname: str, run: Mapping[str, Any], samples: Optional[Tensor],
-                    train: Optional[Tensor], max_pairs: int, max_samples: int) -> dict[str, Any]:
-    """Write worst_<run>.png / samples_<run>.png into tmp; return {"worst": file, "pairs": [...], "samples": file}."""
-    out: dict[str, Any] = {}
+def _images_for_run(tmp: Path, fname: str, blocks: list, samples: Optional[Tensor], train: Optional[Tensor],
+                    max_samples: int) -> dict[str, Any]:
+    """Write samples_<run>.png and one <file>_<run>.png per pair grid into tmp; return the file names."""
+    out: dict[str, Any] = {"pairs": {}}
     if samples is None or len(samples) == 0:
         return out
     upscale = auto_upscale(samples.shape[-2])
@@ -231,71 +236,39 @@ def _images_for_run(tmp: Path, fname: str, run: Mapping[str, Any], samples: Opti
     out["samples"] = f"samples_{fname}.png"
     out["samples_count"] = len(shown)
     save_png(grid, tmp / out["samples"])
-    nn = run.get("nn_ratio")
-    if nn and train is not None and len(train):
-        pairs = _worst_pairs(nn, max_pairs)
-        for p in pairs:
-            if not (0 <= p["index"] < len(samples)) or not (0 <= p["nearest"] < len(train)):
-                raise ValueError(f"worst pair sample {p['index']} / training image {p['nearest']} is out of range "
+    for block in blocks:
+        if not isinstance(block, PairGrid) or train is None or not len(train) or not block.sample_indices:
+            continue
+        for i, j in zip(block.sample_indices, block.train_indices):
+            if not (0 <= i < len(samples)) or not (0 <= j < len(train)):
+                raise ValueError(f"pair sample {i} / training image {j} is out of range "
                                  f"({len(samples)} samples, {len(train)} training images)")
-        if pairs:
-            grid = pairs_grid(samples, train, [p["index"] for p in pairs], [p["nearest"] for p in pairs],
-                              upscale=upscale, pairs_per_row=4)
-            out["worst"] = f"worst_{fname}.png"
-            out["pairs"] = pairs
-            save_png(grid, tmp / out["worst"])
+        name = f"{block.file}_{fname}.png"
+        save_png(pairs_grid(samples, train, block.sample_indices, block.train_indices, upscale=upscale,
+                            pairs_per_row=4), tmp / name)
+        out["pairs"][block.title] = name
     return out
 
 
-def _summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(k, fmt(v, 6)) for k, v in (report.get("summary") or {}).items()]
+def merged_plots(report: Mapping[str, Any]) -> list[Plot]:
+    """Every metric's plots, those with the same title merged into one, in METRICS order."""
+    merged: dict[str, Plot] = {}
+    for metric in METRICS:
+        for plot in metric.plots(report):
+            if plot.title in merged:
+                first = merged[plot.title]
+                plot = Plot(first.title, first.ylabel, list(first.series) + list(plot.series), first.logy,
+                            tuple(first.include_y) + tuple(plot.include_y))
+            merged[plot.title] = plot
+    return list(merged.values())
 
 
-def _plots(report: Mapping[str, Any]) -> list[str]:
-    runs = report.get("runs") or {}
-    plots = []
-    entropy = []
-    eff = []
-    for k, name in enumerate(sorted(runs)):
-        ent = (runs[name] or {}).get("entropy")
-        if ent:
-            color = PALETTE[k % len(PALETTE)]
-            entropy.append({"label": f"{name} mean", "x": ent["sigmas"], "y": ent["mean"], "color": color})
-            entropy.append({"label": f"{name} min", "x": ent["sigmas"], "y": ent["min"], "color": color, "dash": True})
-            eff.append({"label": name, "x": ent["sigmas"], "y": ent["effective_points_mean"], "color": color})
-    if entropy:
-        plots.append(svg_line_plot("Top-K entropy along the trajectory", entropy, ylabel="entropy (nats)",
-                                   include_y=[0.0]))
-        positive = [finite_or_none(v) for s in eff for v in s["y"]]
-        plots.append(svg_line_plot("Effective number of training points, mean exp(H)", eff, ylabel="exp(H)",
-                                   logy=all(v is None or v > 0 for v in positive), include_y=[1.0]))
-    cosine = []
-    for k, name in enumerate(sorted(runs)):
-        tc = (runs[name] or {}).get("trajectory_cosine")
-        if tc:
-            cosine.append({"label": f"{name} trajectory", "x": tc["sigmas"], "y": tc["mean"],
-                           "color": PALETTE[k % len(PALETTE)]})
-    sc = report.get("score_cosine")
-    if sc:
-        cosine.append({"label": "training points", "x": sc["sigmas"], "y": sc["mean"], "color": "#000000",
-                       "dash": True})
-    if cosine:
-        plots.append(svg_line_plot("Score-cosine deviation 1 - cos(model, empirical)", cosine,
-                                   ylabel="deviation (0 = empirical score)", include_y=[0.0]))
-    jac = report.get("jacobian")
-    if jac:
-        vals = [finite_or_none(v) for v in list(jac["model"]) + list(jac["empirical"])]
-        pos = [v for v in vals if v is not None]
-        logy = bool(pos) and min(pos) > 0 and max(pos) / min(pos) > 20
-        plots.append(svg_line_plot("Jacobian spectral norm ||dD/dx||", [
-            {"label": "model", "x": jac["sigmas"], "y": jac["model"]},
-            {"label": "empirical", "x": jac["sigmas"], "y": jac["empirical"], "dash": True},
-        ], ylabel="spectral norm", logy=logy))
-        if any(finite_or_none(v) is not None for v in jac["step_expansion"]):
-            plots.append(svg_line_plot("Sampler step expansion ||Phi(x+d)-Phi(x)|| / ||d||", [
-                {"label": "step expansion", "x": jac["sigmas"], "y": jac["step_expansion"]},
-            ], ylabel="expansion", include_y=[1.0]))
-    return plots
+def _svg(plot: Plot, runs: Sequence[str]) -> str:
+    colour = {run: PALETTE[k % len(PALETTE)] for k, run in enumerate(sorted(runs))}
+    series = [{"label": s.label, "x": s.x, "y": s.y, "dash": s.dash,
+               "color": s.color or colour.get(s.run) or PALETTE[k % len(PALETTE)]}
+              for k, s in enumerate(plot.series)]
+    return svg_line_plot(plot.title, series, ylabel=plot.ylabel, logy=plot.logy, include_y=plot.include_y)
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], raw_cols: Sequence[int] = ()) -> str:
@@ -309,6 +282,15 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], raw_cols: Sequ
 def _gate_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     return [(str(g.get("expr", "")), fmt(g.get("value"), 6), "PASS" if g.get("passed") else "FAIL",
              str(g.get("reason", ""))) for g in report.get("gates") or []]
+
+
+def _run_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The per-sampler table: headers and one row per run, from the run metrics' columns."""
+    runs = report.get("runs") or {}
+    headers = ["sampler"] + [column.header for _, column in run_columns()]
+    rows = [[name] + [cell(column, (runs[name] or {}).get(metric.name) or {}) for metric, column in run_columns()]
+            for name in sorted(runs)]
+    return headers, rows
 
 
 CSS = """
@@ -326,8 +308,26 @@ code { background: #f3f3f3; padding: 0 3px; }
 """
 
 
+def _evidence_html(run: str, blocks: list, images: Mapping[str, Any]) -> list[str]:
+    out = []
+    for block in blocks:
+        if isinstance(block, Note):
+            out.append(f"<p>{esc(block.text)}</p>")
+        elif isinstance(block, Histogram):
+            out.append(svg_histogram(block.title, block.bin_edges, block.counts, block.threshold, block.xlabel))
+        elif isinstance(block, PairGrid) and block.title in images.get("pairs", {}):
+            out.append(f"<h4>{esc(block.title)}</h4>")
+            out.append(f'<img class="grid" src="{esc(images["pairs"][block.title])}" alt="{esc(block.title)} for '
+                       f'{esc(run)}">')
+            out.append(_table(block.headers, block.rows))
+    if images.get("samples"):
+        out.append(f"<h4>Samples (first {images['samples_count']})</h4>")
+        out.append(f'<img class="grid" src="{esc(images["samples"])}" alt="samples for {esc(run)}">')
+    return out
+
+
 def render_html(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any]]) -> str:
-    """The index.html text; `images` maps run name -> {"samples", "worst", "pairs"} written beside it."""
+    """The index.html text; `images` maps run name -> the image files written beside it."""
     model, data, settings = report.get("model", {}), report.get("data", {}), report.get("settings", {})
     status = report.get("status", "pass")
     body = [
@@ -347,19 +347,11 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any
         "<h2>Summary</h2>",
     ]
     runs = report.get("runs") or {}
-    rows = []
-    for name in sorted(runs):
-        nn = (runs[name] or {}).get("nn_ratio") or {}
-        ent = (runs[name] or {}).get("entropy") or {}
-        rows.append((name, fmt(nn.get("memorized_fraction")), fmt(nn.get("mean")), fmt(nn.get("median")),
-                     fmt(nn.get("min")), fmt(ent.get("final_mean"))))
+    headers, rows = _run_rows(report)
     if rows:
-        body.append(_table(["sampler", "memorized fraction", "mean NN ratio", "median NN ratio", "min NN ratio",
-                            "final entropy (nats)"], rows))
-    body.append(_table(["metric", "value"], _summary_rows(report)))
-    for entry in report.get("fid") or []:
-        body.append(f"<p>{'FID (clean-fid)' if entry.get('kind') == 'clean-fid' else 'FID proxy'}: "
-                    f"<b>{esc(fmt(entry.get('value'), 5))}</b> {esc(entry.get('message', ''))}</p>")
+        body.append(_table(headers, rows))
+    body.append(_table(["metric", "value"], [(k, fmt(v, 6)) for k, v in (report.get("summary") or {}).items()]))
+    body.extend(f"<p>{esc(line)}</p>" for line in statements(report))
     body.append("<h2>Gates</h2>")
     gate_rows = _gate_rows(report)
     if gate_rows:
@@ -369,35 +361,15 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any
     else:
         body.append("<p>No gates (pass <code>--fail-on METRIC&gt;NUMBER</code> to gate CI on a metric).</p>")
 
-    body.append("<h2>Nearest-neighbour ratio</h2>")
-    body.append("<p>d1/d2: distance from a sample to its nearest training image over the distance to the second "
-                "nearest. A sample is counted as memorized when the ratio is below the threshold.</p>")
+    body.append("<h2>Per sampler</h2>")
     for name in sorted(runs):
-        run = runs[name] or {}
-        nn = run.get("nn_ratio")
         body.append(f"<h3>Sampler {esc(name)}</h3>")
-        if nn:
-            body.append(f"<p>memorized fraction <b>{esc(fmt(nn.get('memorized_fraction')))}</b> "
-                        f"(threshold {esc(fmt(nn.get('threshold')))})</p>")
-            hist = nn.get("histogram") or {}
-            if hist.get("counts"):
-                body.append(svg_histogram(f"NN ratio histogram ({name})", hist["bin_edges"], hist["counts"],
-                                          nn.get("threshold")))
-        imgs = images.get(name) or {}
-        if imgs.get("worst"):
-            body.append("<h4>Worst pairs: sample | nearest training image</h4>")
-            body.append(f'<img class="grid" src="{esc(imgs["worst"])}" alt="worst pairs for {esc(name)}">')
-            body.append(_table(["row", "sample", "NN ratio", "nearest training image", "d1", "d2"],
-                               [(k + 1, p["index"], fmt(p.get("ratio")), p["nearest"], fmt(p.get("d1")), fmt(p.get("d2")))
-                                for k, p in enumerate(imgs["pairs"])]))
-        if imgs.get("samples"):
-            body.append(f"<h4>Samples (first {imgs['samples_count']})</h4>")
-            body.append(f'<img class="grid" src="{esc(imgs["samples"])}" alt="samples for {esc(name)}">')
+        body.extend(_evidence_html(name, run_evidence(report, name), images.get(name) or {}))
 
-    plots = _plots(report)
+    plots = merged_plots(report)
     if plots:
         body.append("<h2>Curves over the noise level sigma</h2>")
-        body.extend(plots)
+        body.extend(_svg(plot, runs) for plot in plots)
     body += ["</body>", "</html>", ""]
     return "\n".join(body)
 
@@ -411,29 +383,23 @@ def md(value: Any) -> str:
 
 
 def render_markdown(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any]]) -> str:
-    """report.md: status, per-sampler table, summary metrics, gates and the same images."""
+    """report.md: status, per-sampler table, summary metrics, statements, gates and the same images."""
     model, data = report.get("model", {}), report.get("data", {})
     lines = [f"# memaudit scan: {md(model.get('spec', ''))}", "",
              f"**Status: {md(str(report.get('status', 'pass')).upper())}**"
              f"{'' if report.get('gates') else ' (no gates)'}", "",
              f"Model {md(model.get('spec', ''))} ({md(model.get('kind', ''))}) on {md(data.get('path', ''))} "
              f"({md(data.get('num_images', ''))} images).", ""]
-    runs = report.get("runs") or {}
-    if runs:
-        lines += ["| sampler | memorized fraction | mean NN ratio | min NN ratio | final entropy (nats) |",
-                  "|---|---:|---:|---:|---:|"]
-        for name in sorted(runs):
-            nn = (runs[name] or {}).get("nn_ratio") or {}
-            ent = (runs[name] or {}).get("entropy") or {}
-            lines.append(f"| {md(name)} | {fmt(nn.get('memorized_fraction'))} | {fmt(nn.get('mean'))} | "
-                         f"{fmt(nn.get('min'))} | {fmt(ent.get('final_mean'))} |")
+    headers, rows = _run_rows(report)
+    if rows:
+        lines += ["| " + " | ".join(md(h) for h in headers) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
+        lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in rows]
         lines.append("")
     lines += ["## Summary metrics", "", "| metric | value |", "|---|---:|"]
-    lines += [f"| `{k}` | {v} |" for k, v in _summary_rows(report)]
+    lines += [f"| `{k}` | {fmt(v, 6)} |" for k, v in (report.get("summary") or {}).items()]
     lines.append("")
-    for entry in report.get("fid") or []:
-        label = "FID (clean-fid)" if entry.get("kind") == "clean-fid" else "FID proxy"
-        lines += [f"{label}: **{fmt(entry.get('value'), 5)}** {md(entry.get('message', ''))}", ""]
+    for line in statements(report):
+        lines += [md(line), ""]
     lines += ["## Gates", ""]
     gate_rows = _gate_rows(report)
     if gate_rows:
@@ -442,12 +408,12 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, Mapping[str,
     else:
         lines.append("No gates.")
     lines.append("")
-    for name in sorted(runs):
+    for name in sorted(report.get("runs") or {}):
         imgs = images.get(name) or {}
-        if imgs.get("worst") or imgs.get("samples"):
+        if imgs.get("pairs") or imgs.get("samples"):
             lines += [f"## Sampler {md(name)}", ""]
-        if imgs.get("worst"):
-            lines += ["Worst pairs (sample | nearest training image):", "", f"![worst pairs]({imgs['worst']})", ""]
+        for title, file in (imgs.get("pairs") or {}).items():
+            lines += [f"{md(title)}:", "", f"![{md(title)}]({file})", ""]
         if imgs.get("samples"):
             lines += ["Samples:", "", f"![samples]({imgs['samples']})", ""]
     lines.append("Plots: see index.html.")
@@ -456,12 +422,12 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, Mapping[str,
 
 def write_html(report: Mapping[str, Any], folder: str | os.PathLike,
                samples: Optional[Mapping[str, Tensor]] = None, train: Optional[Tensor] = None,
-               max_pairs: int = 16, max_samples: int = 64) -> Path:
-    """Write folder/index.html, folder/report.md, folder/worst_<run>.png and folder/samples_<run>.png.
+               max_samples: int = 64) -> Path:
+    """Write folder/index.html, folder/report.md, folder/samples_<run>.png and the metrics' pair grids.
 
-    samples: generated images (N, C, H, W) in [-1, 1] per run name; train: training images in
-    [-1, 1], indexed by the nn_ratio "nearest" fields. Runs without samples get no images. The
-    folder is replaced atomically as a whole. Returns the path of index.html.
+    samples: generated images (N, C, H, W) in [-1, 1] per run name; train: training images in [-1, 1],
+    indexed by the pair grids' training indices. Runs without samples get no images. The folder is replaced
+    atomically as a whole. Returns the path of index.html.
     """
     folder = Path(folder)
     check_html_folder(folder)
@@ -469,8 +435,8 @@ def write_html(report: Mapping[str, Any], folder: str | os.PathLike,
     runs = report.get("runs") or {}
     names = _safe_names(runs)
     with atomic_dir(folder) as tmp:
-        images = {run: _images_for_run(tmp, names[run], runs[run] or {}, samples.get(run), train,
-                                       max_pairs, max_samples) for run in sorted(runs)}
+        images = {run: _images_for_run(tmp, names[run], run_evidence(report, run), samples.get(run), train,
+                                       max_samples) for run in sorted(runs)}
         write_text_atomic(tmp / "index.html", render_html(report, images))
         write_text_atomic(tmp / "report.md", render_markdown(report, images))
     return folder / "index.html"

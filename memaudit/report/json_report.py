@@ -1,6 +1,7 @@
 """report.json: sorted keys, indent 2, floats rounded to 6 significant digits, NaN/inf -> null.
 
-The same report always serialises to the same bytes, and re-writing a loaded report is a no-op.
+The same report always serialises to the same bytes, and re-writing a loaded report is a no-op. Every report
+is validated before it is written.
 """
 
 from __future__ import annotations
@@ -8,13 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from memaudit.atomic import write_text_atomic
-from memaudit.errors import UserError
 from memaudit.report.schema import validate_report
 
 SIGNIFICANT_DIGITS = 6
@@ -60,24 +59,7 @@ def dumps_report(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write the report atomically as canonical JSON."""
+    """Check the report against its schema (a report that fails is a bug, never written), then write it
+    atomically as canonical JSON."""
+    validate_report(json.loads(dumps_report(report)))
     write_text_atomic(path, dumps_report(report))
-
-
-def load_report(path: str | os.PathLike, validate: bool = True) -> dict:
-    """Read a report.json (e.g. for --resume); UserError if it is unreadable or not a valid report."""
-    path = Path(path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"report not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read report {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
-    if validate:
-        try:
-            validate_report(report)
-        except ValueError as exc:
-            raise UserError(f"{path}: {exc}") from None
-    return report

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from typing import Any, Mapping
 
 from memaudit.atomic import write_bytes_atomic
-from memaudit.report.schema import fmt
+from memaudit.numbers import fmt
 
 SUITE = "memaudit.scan"
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")

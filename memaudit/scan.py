@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -21,18 +21,18 @@ from torch import Tensor
 from memaudit.denoiser import Denoiser, clip_sigma_range
 from memaudit.duplicates import DEFAULT_TOLERANCE, Duplicates, find_duplicates
 from memaudit.empirical import EmpiricalDenoiser
-from memaudit.errors import UserError
+from memaudit.errors import SettingError, UserError
+from memaudit.features import feature_space
 from memaudit.fingerprints import data_fingerprint, model_fingerprint
-from memaudit.metrics.entropy import trajectory_entropy
-from memaudit.metrics.fid import FID_MODES, compute_fid, inception_feature_extractor
-from memaudit.metrics.jacobian import jacobian_profile
-from memaudit.metrics.nn_ratio import load_feature_extractor, nn_ratios, training_index
-from memaudit.metrics.score_cosine import cosine_on_training_points, cosine_on_trajectories
+from memaudit.metrics import METRICS, SKIP_CHOICES, skipped
+from memaudit.metrics.base import RUN, RunData, ScanContext
+from memaudit.metrics.fid import FID_MODES
+from memaudit.metrics.nn_ratio import training_index
 from memaudit.neighbors import NeighborIndex
-from memaudit.report.schema import build_report, nn_ratio_section
+from memaudit.report.schema import build_report
 from memaudit.resources import check_fits
 from memaudit.sampling import (DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, DEFAULT_STEPS, Batch, SamplerConfig,
-                               Trajectory, check_sampler, rerun_rows, sample)
+                               check_sampler, rerun_rows, sample)
 from memaudit.workdir import SampleStore
 
 # task(description, total) -> advance(done, info="")
@@ -72,29 +72,33 @@ class ScanConfig:
 
     def validate(self) -> None:
         if not self.samplers:
-            raise UserError("give at least one --sampler")
+            raise SettingError("samplers", "none", "at least one sampler")
         for name in self.samplers:
             check_sampler(name)
         if len(set(self.samplers)) != len(self.samplers):
-            raise UserError(f"each --sampler once, please: got {', '.join(self.samplers)}")
+            raise SettingError("samplers", ", ".join(self.samplers), "each sampler once")
         if not 0 < self.threshold <= 1:
-            raise UserError(f"--threshold must be in (0, 1], not {self.threshold}")
-        for name, value in (("--samples", self.num_samples), ("--steps", self.steps), ("--topk", self.topk),
-                            ("--batch-size", self.batch_size)):
-            if value < 1:
-                raise UserError(f"{name} must be >= 1, not {value}")
+            raise SettingError("threshold", self.threshold, "in (0, 1]")
+        for name in ("num_samples", "steps", "topk", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, getattr(self, name), ">= 1")
         if not 0 <= self.seed < 2**63:
-            raise UserError(f"--seed must be in [0, 2^63), not {self.seed}")
-        unknown = set(self.skip) - set(SKIPPABLE)
+            raise SettingError("seed", self.seed, "in [0, 2^63)")
+        unknown = sorted(set(self.skip) - set(SKIP_CHOICES))
         if unknown:
-            raise UserError(f"cannot skip {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
+            raise SettingError("skip", ", ".join(unknown), f"one of {', '.join(SKIP_CHOICES)}")
         if self.fid not in FID_MODES:
-            raise UserError(f"unknown --fid {self.fid!r}; choose one of {', '.join(FID_MODES)}")
+            raise SettingError("fid", repr(self.fid), f"one of {', '.join(FID_MODES)}")
         if not (math.isfinite(self.dup_tol) and 0 <= self.dup_tol < 1):
-            raise UserError(f"--dup-tol must be in [0, 1), not {self.dup_tol}")
-        for name, value in (("--sigma-min", self.sigma_min), ("--sigma-max", self.sigma_max)):
+            raise SettingError("dup_tol", self.dup_tol, "in [0, 1)")
+        for name in ("sigma_min", "sigma_max"):
+            value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise UserError(f"{name} must be > 0 and finite, not {value}")
+                raise SettingError(name, value, "> 0 and finite")
+
+    def computes(self, metric) -> bool:
+        """Whether this scan computes `metric` (not skipped; FID not turned off)."""
+        return metric.name not in skipped(self.skip) and not (metric.name == "fid" and self.fid == "off")
 
     def sampler_config(self, sampler: str) -> SamplerConfig:
         return SamplerConfig(sampler=sampler, steps=self.steps,
@@ -102,8 +106,8 @@ class ScanConfig:
                              sigma_max=self.sigma_max if self.sigma_max is not None else DEFAULT_SIGMA_MAX)
 
     def records_trajectories(self) -> bool:
-        """Whether any metric reads the sampling trajectories (entropy and the trajectory cosine do)."""
-        return "entropy" not in self.skip or "cosine" not in self.skip
+        """Whether any computed metric reads the sampling trajectories."""
+        return any(m.needs_trajectories and self.computes(m) for m in METRICS)
 
     def sample_settings(self) -> dict:
         """The settings the samples depend on (what keys the work folder)."""
@@ -119,9 +123,6 @@ class ScanConfig:
                 "trajectory_samples": self.trajectory_samples, "cosine_points": self.cosine_points,
                 "jacobian_points": self.jacobian_points, "skip": sorted(self.skip), "fid": self.fid,
                 "dup_tol": self.dup_tol}
-
-
-SKIPPABLE = ("entropy", "cosine", "jacobian", "fid")
 
 
 @dataclass
@@ -212,28 +213,6 @@ def sample_run(model: Denoiser, sampler: str, config: ScanConfig, store: SampleS
     return RunSamples(samples, trajectories, resumed, SPOT_CHECK_ROWS if batches else 0)
 
 
-def run_metrics(model: Denoiser, empirical: EmpiricalDenoiser, train: Tensor, run: RunSamples,
-                config: ScanConfig, features, index: NeighborIndex, duplicates: Duplicates) -> dict:
-    """The per-run report sections: nn_ratio, entropy and trajectory_cosine."""
-    nn = nn_ratios(run.samples, train, features=features, index=index, duplicates=duplicates)
-    out = {"nn_ratio": nn_ratio_section(nn.ratio, nn.d1, nn.d2, nn.nearest, threshold=config.threshold,
-                                        ratio_plain=nn.ratio_plain)}
-    if "entropy" not in config.skip:
-        out["entropy"] = trajectory_entropy(empirical, run.trajectories, config.topk, labels=duplicates.labels)
-    if "cosine" not in config.skip:
-        out["trajectory_cosine"] = cosine_on_trajectories(model, empirical, run.trajectories)
-    return out
-
-
-def feature_extractor(name: Optional[str], device: torch.device, image_shape: tuple):
-    """None (pixel space), clean-fid's Inception ("inception") or a TorchScript extractor at a path."""
-    if not name or name == "pixels":
-        return None
-    if name == "inception":
-        return inception_feature_extractor(device)
-    return load_feature_extractor(name, device, image_shape)
-
-
 def training_duplicates(index: NeighborIndex, tolerance: float, note: NoteFn) -> Duplicates:
     """Near-duplicate clusters of the training set; a note when there are any, a UserError when all are one."""
     duplicates = find_duplicates(index, tolerance)
@@ -249,62 +228,56 @@ def training_duplicates(index: NeighborIndex, tolerance: float, note: NoteFn) ->
 
 
 def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: dict, data_info: dict,
-             gates: Sequence = (), task: Optional[TaskFactory] = None, workdir: Optional[Path] = None,
-             resume: bool = False, note: Optional[NoteFn] = None) -> ScanResult:
-    """Sample with each configured sampler, measure everything, and return the report and the samples."""
+             task: Optional[TaskFactory] = None, workdir: Optional[Path] = None, resume: bool = False,
+             note: Optional[NoteFn] = None) -> ScanResult:
+    """Sample with each configured sampler, compute every listed metric, and return the report (without gates:
+    the caller attaches them) and the samples."""
     config.validate()
     task = task or (lambda description, total: (lambda done, info="": None))
     note = note or (lambda message: None)
     check_sampling_memory(config, model.image_shape)
     device = torch.device(config.device)
     train_dev = train.to(device)
-    empirical = EmpiricalDenoiser(train_dev)
-    features = feature_extractor(config.features, device, tuple(train.shape[1:]))
+    features = feature_space(config.features, device, tuple(train.shape[1:]))
     index = training_index(train_dev, features)
     duplicates = training_duplicates(index, config.dup_tol, note)
+    ctx = ScanContext(model=model, empirical=EmpiricalDenoiser(train_dev), train=train_dev, config=config,
+                      features=features, index=index, duplicates=duplicates, runs={},
+                      sigmas=metric_sigmas(model, config.metric_sigmas),
+                      generator=torch.Generator().manual_seed(config.seed + 1), task=task)
     record = trajectory_rows(config, model.image_shape)
     store = SampleStore(workdir, {"settings": config.sample_settings(), "record": record, "model": model_info,
                                   "weights": model_fingerprint(model) if workdir is not None else None,
                                   "data": data_fingerprint(train) if workdir is not None else None})
-    runs, all_samples, resumed = {}, {}, {}
+    runs, resumed = {}, {}
     for sampler in config.samplers:
         run = sample_run(model, sampler, config, store, resume, task, note, record)
+        ctx.runs[sampler] = RunData(sampler, run.samples, run.trajectories)
         advance = task(f"metrics {sampler}", 1)
-        runs[sampler] = run_metrics(model, empirical, train_dev, run, config, features, index, duplicates)
+        runs[sampler] = {m.name: m.compute(ctx, ctx.runs[sampler]) for m in METRICS
+                         if m.scope == RUN and config.computes(m)}
         advance(1)
-        all_samples[sampler] = run.samples
         resumed[sampler] = {"resumed_samples": run.resumed, "spot_checked": run.checked}
-    sections = global_metrics(model, empirical, train_dev, all_samples, config, task)
+    sections = scan_sections(ctx)
     lo, hi = config.sampler_config(config.samplers[0]).sigma_range(model)
     settings = {**config.settings(), "trajectory_samples": record, "sampling_sigma_min": lo,
                 "sampling_sigma_max": hi}
     data = {**data_info, "duplicates": duplicates.section()}
     provenance = {"resumed": any(r["resumed_samples"] for r in resumed.values()), "runs": resumed}
-    report = build_report(model=model_info, data=data, settings=settings, runs=runs, gates=gates,
-                          provenance=provenance, **sections)
-    return ScanResult(report, all_samples, store.folder)
+    report = build_report(model=model_info, data=data, settings=settings, runs=runs, provenance=provenance,
+                          sections=sections)
+    return ScanResult(report, {name: r.samples for name, r in ctx.runs.items()}, store.folder)
 
 
-def global_metrics(model: Denoiser, empirical: EmpiricalDenoiser, train: Tensor, samples: dict[str, Tensor],
-                   config: ScanConfig, task: TaskFactory) -> dict:
-    """score_cosine on noisy training points, the Jacobian profile and FID (each unless skipped)."""
-    sigmas = metric_sigmas(model, config.metric_sigmas)
-    generator = torch.Generator().manual_seed(config.seed + 1)
+def scan_sections(ctx: ScanContext) -> dict:
+    """The scan-level sections (score_cosine, jacobian, fid, ...), each unless skipped, in METRICS order."""
     out: dict = {}
-    if "cosine" not in config.skip:
-        advance = task("score cosine", 1)
-        out["score_cosine"] = cosine_on_training_points(model, empirical, train, sigmas, config.cosine_points,
-                                                        generator)
-        advance(1)
-    if "jacobian" not in config.skip:
-        advance = task("jacobian", 1)
-        pick = torch.randperm(train.shape[0], generator=generator)[: config.jacobian_points]
-        out["jacobian"] = jacobian_profile(model, empirical, train[pick.to(train.device)], sigmas, generator,
-                                           iters=config.jacobian_iters, sampler=config.samplers[0])
-        advance(1)
-    if "fid" not in config.skip and config.fid != "off":
-        advance = task("fid", 1)
-        first = samples[next(iter(samples))]
-        out["fid"] = [asdict(r) for r in compute_fid(first, train.cpu(), config.device, mode=config.fid)]
+    for metric in METRICS:
+        if metric.scope == RUN or not ctx.config.computes(metric):
+            continue
+        advance = ctx.task(metric.name.replace("_", " "), 1)
+        section = metric.compute(ctx)
+        if section is not None:
+            out[metric.name] = section
         advance(1)
     return out
