@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from memaudit.errors import UserError, first_lines
+from memaudit.errors import SettingError, UserError, first_lines
 from memaudit.resources import check_fits
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -66,11 +66,11 @@ def load_dataset(path: str | Path, resize: Optional[int] = None, channels: Optio
     """Load a dataset; resize: square side to resize every image to (bilinear, antialiased); channels: 1 or 3."""
     path = Path(path)
     if channels not in (None, 1, 3):
-        raise UserError(f"--channels must be 1 or 3, not {channels}")
+        raise SettingError("channels", channels, "1 or 3")
     if resize is not None and resize < 1:
-        raise UserError(f"--resize must be a positive side length, not {resize}")
+        raise SettingError("resize", resize, "a positive side length")
     if limit is not None and limit < 1:
-        raise UserError(f"--limit must be >= 1, not {limit}")
+        raise SettingError("limit", limit, ">= 1")
     if not path.exists():
         raise UserError(f"data not found: {path}")
     if path.is_dir():
@@ -327,25 +327,3 @@ def to_uint8(images: Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), rounding like clean-fid's quantisation."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
-
-
-DIGITS_NPZ = Path(__file__).resolve().parents[1] / "examples" / "digits" / "digits.npz"
-
-
-def digits_dataset(limit: Optional[int] = None) -> np.ndarray:
-    """scikit-learn's 8x8 handwritten digits (1,797 real images, shipped offline) as uint8 (N, 8, 8).
-
-    Read from the repository's examples/digits/digits.npz (the same array), so scikit-learn is not a
-    dependency; without the repository it comes from scikit-learn, when installed.
-    """
-    if DIGITS_NPZ.is_file():
-        with np.load(DIGITS_NPZ, allow_pickle=False) as npz:
-            array = npz["images"]
-    else:
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError:
-            raise UserError(f"the digits dataset needs {DIGITS_NPZ} (a memaudit checkout) or scikit-learn "
-                            "(pip install scikit-learn)") from None
-        array = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16
-    return array[:limit] if limit is not None else array

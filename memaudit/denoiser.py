@@ -49,12 +49,6 @@ def expand_like(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def score(denoiser: Denoiser, x: Tensor, sigma: Tensor | float) -> Tensor:
-    """s(x, sigma) = (D(x, sigma) - x) / sigma^2."""
-    sigma = as_sigma(sigma, x)
-    return (denoiser(x, sigma) - x) / expand_like(sigma, x) ** 2
-
-
 def clip_sigma_range(denoiser: Denoiser, lo: float, hi: float) -> tuple[float, float]:
     """Intersect [lo, hi] with the denoiser's valid sigma range."""
     return max(lo, float(denoiser.sigma_min)), min(hi, float(denoiser.sigma_max))

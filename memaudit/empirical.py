@@ -169,20 +169,6 @@ class EmpiricalDenoiser(Denoiser):
         jv = second - mean * (mean * vf).sum(1, keepdim=True)
         return (jv / self.variance(xf, sigma)).reshape(x.shape).to(x.dtype)
 
-    def jacobian(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        """Full Jacobian Cov_w(x_i) / max(sigma^2 T, h^2), shape (B, d, d); only for small d (tests, diagnostics)."""
-        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
-        sigma = as_sigma(sigma, xf)
-        if self.k is not None:
-            w, pts = self._knn(xf, sigma)
-        else:
-            logits = self.chunk_logits(xf, 0, self.num_points, self.inverse_scale(xf, sigma))
-            w, pts = torch.softmax(logits, 1), self.points.expand(xf.shape[0], -1, -1)
-        mean = torch.einsum("bk,bkd->bd", w, pts)
-        centred = pts - mean[:, None]
-        cov = torch.einsum("bk,bkd,bke->bde", w, centred, centred)
-        return cov / self.variance(xf, sigma)[:, :, None]
-
 
 def parse_empirical_spec(spec: str) -> dict:
     """'empirical:T=2,k=64,h=0.5' -> {'temperature': 2.0, 'k': 64, 'bandwidth': 0.5}; UserError on anything else."""

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from memaudit.denoiser import Denoiser
 from memaudit.empirical import EmpiricalDenoiser
-from memaudit.errors import UserError
+from memaudit.errors import SettingError, UserError
 from memaudit.fingerprints import model_fingerprint
 from memaudit.models.adapters import NetworkDenoiser
 from memaudit.models.native import native_config
@@ -43,13 +43,12 @@ class FinetuneConfig:
         if self.temperature is None and not self.uncondition:
             raise UserError("nothing to fine-tune: give a temperature, --uncondition, or both")
         if self.temperature is not None and not self.temperature >= 1:
-            raise UserError(f"--temperature must be >= 1 (T = 1 is the exact empirical denoiser), "
-                            f"not {self.temperature}")
+            raise SettingError("temperature", self.temperature, ">= 1 (T = 1 is the exact empirical denoiser)")
         if self.k < 1:
-            raise UserError(f"--k must be >= 1, not {self.k}")
+            raise SettingError("k", self.k, ">= 1")
         if self.bandwidth is not None:
             if not self.bandwidth >= 0:
-                raise UserError(f"--bandwidth must be >= 0, not {self.bandwidth}")
+                raise SettingError("bandwidth", self.bandwidth, ">= 0")
             if self.temperature is None:
                 raise UserError("--bandwidth applies to the smoothed target: give --temperature too")
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from memaudit.errors import UserError, first_lines
+from memaudit.errors import SettingError, UserError, first_lines
 from memaudit.fingerprints import data_fingerprint
 from memaudit.models.adapters import NetworkDenoiser
 from memaudit.models.native import check_output_folder, is_native, load_native, save_native
@@ -47,14 +47,15 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise UserError("--steps and --batch-size must be >= 1")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, getattr(self, name), ">= 1")
         if not self.lr > 0:
-            raise UserError(f"--lr must be > 0, not {self.lr}")
+            raise SettingError("lr", self.lr, "> 0")
         if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema must be in [0, 1), not {self.ema_decay}")
+            raise SettingError("ema_decay", self.ema_decay, "in [0, 1)")
         if self.checkpoint_every < 0:
-            raise UserError(f"--checkpoint-every must be >= 0 (0: only at the end), not {self.checkpoint_every}")
+            raise SettingError("checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
 
 
 def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
@@ -103,7 +104,7 @@ class Trainer:
         target = x0 if self.target_fn is None else self.target_fn(x0, x, sigma)
         loss = edm_loss(self.model, x, sigma, target.detach())
         if not torch.isfinite(loss):
-            raise UserError(f"training diverged at step {self.step} (loss {loss.item()}); lower --lr")
+            raise UserError(f"training diverged at step {self.step} (loss {loss.item()}); lower the learning rate")
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup, 1))
         self.opt.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from memaudit.data import digits_dataset
+from digits import digits_dataset
 
 
 @pytest.fixture(scope="session")

@@ -106,7 +106,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, model, ca
     (["--bandwidth", "-1"], "--bandwidth must be >= 0"),
     (["--uncondition", "--bandwidth", "1"], "give --temperature too"),
     (["--samples", "0"], "--samples must be >= 1"),
-    (["--steps", "0"], "--steps and --batch-size must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1, not 0"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, model, capsys, extra, message):
     code, out, err = run(["smooth", model, DIGITS32, "--out", str(tmp_path / "x"), *extra, "--quiet"], capsys)

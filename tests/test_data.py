@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from memaudit.data import array_to_images, digits_dataset, load_images, to_uint8
+from digits import digits_dataset
+from memaudit.data import array_to_images, load_images, to_uint8
 from memaudit.errors import UserError
 
 

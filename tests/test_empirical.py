@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from jacobians import jacobian_of
 from memaudit.empirical import EmpiricalDenoiser, parse_empirical_spec
 from memaudit.errors import UserError
 from memaudit.sampling import SamplerConfig, sample
@@ -73,7 +74,7 @@ def test_analytic_jacobian_is_weighted_covariance(problem, k):
     train, x, sigma = problem
     temperature = 2.0
     model = EmpiricalDenoiser(torch.from_numpy(train), temperature=temperature, k=k, chunk_size=9)
-    jac = model.jacobian(torch.from_numpy(x), torch.from_numpy(sigma)).numpy()
+    jac = jacobian_of(model, torch.from_numpy(x), torch.from_numpy(sigma)).numpy()
     w = numpy_weights(x, train, sigma, temperature, k=k)
     pts = train.reshape(53, -1)
     for b in range(6):
@@ -93,7 +94,7 @@ def test_jvp_matches_full_jacobian(problem, k):
     train, x, sigma = problem
     model = EmpiricalDenoiser(torch.from_numpy(train), temperature=1.0, k=k, chunk_size=8)
     v = torch.from_numpy(np.random.default_rng(1).normal(size=x.shape))
-    jac = model.jacobian(torch.from_numpy(x), torch.from_numpy(sigma))
+    jac = jacobian_of(model, torch.from_numpy(x), torch.from_numpy(sigma))
     want = torch.einsum("bde,be->bd", jac, v.reshape(6, -1))
     got = model.jvp(torch.from_numpy(x), torch.from_numpy(sigma), v).reshape(6, -1)
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
@@ -116,7 +117,7 @@ def test_bandwidth_floor_matches_numpy(problem, k, temperature):
         full[b, top.indices[b].numpy()] = top.weights()[b].numpy()
     if k is None:
         np.testing.assert_allclose(full, w, rtol=1e-9, atol=1e-12)
-    jac = model.jacobian(xt, st).numpy()
+    jac = jacobian_of(model, xt, st).numpy()
     for b in range(6):
         mean = w[b] @ pts
         cov = (w[b][:, None] * (pts - mean)).T @ (pts - mean)
@@ -140,7 +141,7 @@ def test_no_bandwidth_is_the_plain_denoiser(problem, h):
     xt, st = torch.from_numpy(x), torch.from_numpy(sigma)
     assert floored.bandwidth is None
     torch.testing.assert_close(floored(xt, st), plain(xt, st), rtol=0, atol=0)
-    torch.testing.assert_close(floored.jacobian(xt, st), plain.jacobian(xt, st), rtol=0, atol=0)
+    torch.testing.assert_close(jacobian_of(floored, xt, st), jacobian_of(plain, xt, st), rtol=0, atol=0)
 
 
 def test_bandwidth_stops_the_collapse_at_small_sigma(digits32):

@@ -151,10 +151,10 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, tiny, digits
 
 
 @pytest.mark.parametrize("config,message", [
-    (FinetuneConfig(temperature=0.5), "--temperature must be >= 1"),
-    (FinetuneConfig(temperature=2.0, k=0), "--k must be >= 1"),
+    (FinetuneConfig(temperature=0.5), "temperature must be >= 1"),
+    (FinetuneConfig(temperature=2.0, k=0), "k must be >= 1"),
     (FinetuneConfig(temperature=None), "nothing to fine-tune"),
-    (FinetuneConfig(temperature=2.0, bandwidth=-1.0), "--bandwidth must be >= 0"),
+    (FinetuneConfig(temperature=2.0, bandwidth=-1.0), "bandwidth must be >= 0"),
     (FinetuneConfig(temperature=None, uncondition=True, bandwidth=1.0), "give --temperature too"),
 ])
 def test_bad_settings_are_user_errors(config, message):

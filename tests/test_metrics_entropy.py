@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.data import array_to_images, digits_dataset
+from digits import digits_dataset
+from memaudit.data import array_to_images
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.metrics.entropy import topk_entropy, trajectory_entropy
 from memaudit.sampling import SamplerConfig, Trajectory, sample

@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy import linalg
 
-from memaudit.data import array_to_images, digits_dataset
+from digits import digits_dataset
+from memaudit.data import array_to_images
 from memaudit.errors import UserError
 from memaudit.metrics import fid as fidmod
 from memaudit.metrics.fid import FIDResult, clean_fid, compute_fid, fid_proxy, frechet_distance

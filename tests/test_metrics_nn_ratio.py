@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.data import array_to_images, digits_dataset
+from digits import digits_dataset
+from memaudit.data import array_to_images
 from memaudit.errors import UserError
 from memaudit.features import FeatureSpace, feature_space
 from memaudit.metrics.nn_ratio import nn_ratios, section

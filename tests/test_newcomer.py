@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memaudit.data import digits_dataset
+from digits import digits_dataset
 from memaudit.gates import parse_gates
 from memaudit.report.html import render_html, render_markdown
 from memaudit.report.schema import attach_gates
@@ -27,9 +27,7 @@ def test_a_pass_without_gates_says_so():
     assert "(no gates)" not in render_html(gated, {}) and "(no gates)" not in render_markdown(gated, {})
 
 
-def test_digits_need_no_scikit_learn(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+def test_bundled_digits32_are_the_first_32_digits():
     digits = digits_dataset()
     assert digits.shape == (1797, 8, 8) and digits.dtype == np.uint8
     with np.load(ROOT / "examples" / "digits" / "digits32.npz") as npz:

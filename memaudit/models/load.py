@@ -7,8 +7,9 @@ state dict (.safetensors or torch file) + --factory; a whole pickled nn.Module o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +24,75 @@ from memaudit.models.schedules import SCHEDULES, make_schedule, set_sigma_range
 EMPIRICAL = "empirical"
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """The loader flags: how to read a checkpoint that does not record everything (see load_model)."""
+
+    device: str | torch.device = "cpu"
+    param: Optional[str] = None
+    schedule: Optional[str] = None
+    factory: Optional[str] = None
+    trust_pickle: bool = False
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
+    round_timesteps: bool = False
+
+    def network(self) -> dict:
+        """The options that shape how a bare network is wrapped."""
+        return dict(param=self.param, schedule=self.schedule, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                    round_timesteps=self.round_timesteps)
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """A table entry: whether a path is in this format, and how to load it as a Denoiser."""
+
+    detect: Callable[[Path], bool]
+    load: Callable[[Path, LoadOptions], Denoiser]
+    summary: str
+
+
+def _load_native(path: Path, o: LoadOptions) -> Denoiser:
+    return load_native_checked(path, o.device, factory=o.factory, **o.network())
+
+
+def _load_diffusers(path: Path, o: LoadOptions) -> Denoiser:
+    _reject(o.factory, "--factory", path, "diffusers")
+    return diffusers_loader.load_diffusers(path, device=o.device, **o.network())
+
+
+def _load_torchscript(path: Path, o: LoadOptions) -> Denoiser:
+    _reject(o.factory, "--factory", path, "torchscript")
+    return wrap_network(torchscript.load_torchscript(path, o.device), path, "torchscript", **o.network())
+
+
+def _load_file(fmt: str) -> Callable[[Path, LoadOptions], Denoiser]:
+    def load(path: Path, o: LoadOptions) -> Denoiser:
+        return wrap_network(load_file_network(path, o.factory, o.trust_pickle), path, fmt, **o.network())
+    return load
+
+
+def _is_torch_file(path: Path) -> bool:
+    check_torch_file(path)  # names what the file is instead when it is not a torch file
+    return True
+
+
+# Tried in order; the last one (a torch file) is the fallback for any other file.
+FORMATS: dict[str, ModelFormat] = {
+    "native": ModelFormat(lambda p: p.is_dir() and native.is_native(p), _load_native,
+                          "memaudit checkpoint folder (model.safetensors + config.json)"),
+    "diffusers": ModelFormat(lambda p: p.is_dir() and diffusers_loader.is_diffusers(p), _load_diffusers,
+                             "diffusers UNet2DModel or pipeline folder with its scheduler config"),
+    "torchscript": ModelFormat(lambda p: p.is_file() and torchscript.is_torchscript(p), _load_torchscript,
+                               "TorchScript network net(x_in, noise_in) (needs --param and --schedule)"),
+    "safetensors": ModelFormat(lambda p: p.is_file() and statedict.is_safetensors(p), _load_file("safetensors"),
+                               "state dict .safetensors (needs --factory, --param and --schedule)"),
+    "torch": ModelFormat(lambda p: p.is_file() and _is_torch_file(p), _load_file("torch"),
+                         "torch.save file: a state dict (read weights-only; needs --factory) or, with --trust-pickle, "
+                         "a whole module"),
+}
+
+
 def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional[str] = None,
                schedule: Optional[str] = None, factory: Optional[str] = None, trust_pickle: bool = False,
                sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
@@ -32,18 +102,8 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional
         return load_empirical(spec, train, device)
     path = Path(spec).expanduser()
     fmt = detect_format(path)
-    options = dict(param=param, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max,
-                   round_timesteps=round_timesteps)
-    if fmt == "native":
-        denoiser = load_native_checked(path, device, factory=factory, **options)
-    elif fmt == "diffusers":
-        _reject(factory, "--factory", path, fmt)
-        denoiser = diffusers_loader.load_diffusers(path, device=device, **options)
-    elif fmt == "torchscript":
-        _reject(factory, "--factory", path, fmt)
-        denoiser = wrap_network(torchscript.load_torchscript(path, device), path, fmt, **options)
-    else:
-        denoiser = wrap_network(load_file_network(path, factory, trust_pickle), path, fmt, **options)
+    options = LoadOptions(device, param, schedule, factory, trust_pickle, sigma_min, sigma_max, round_timesteps)
+    denoiser = FORMATS[fmt].load(path, options)
     if fmt != "native" and (sigma_min is not None or sigma_max is not None):
         check_timestep_range(denoiser.schedule, sigma_min, sigma_max)
     denoiser.source = {"format": fmt, "path": str(path)}
@@ -80,28 +140,19 @@ def load_empirical(spec: str, train: Optional[torch.Tensor], device: str | torch
 
 
 def detect_format(path: Path) -> str:
-    """native | diffusers | torchscript | safetensors | torch (a pickle file), or a UserError."""
+    """The name of the first format in FORMATS that `path` is in, or a UserError saying what it is instead."""
     if not path.exists():
         raise UserError(f"model not found: {path} (expected a checkpoint folder or file, or 'empirical')")
-    if path.is_dir():
-        if native.is_native(path):
-            return "native"
-        if diffusers_loader.is_diffusers(path):
-            return "diffusers"
-        inside = sorted(p.name for p in path.iterdir() if p.is_dir() and native.is_native(p))
-        hint = f"; it holds memaudit checkpoints: pass one of them, e.g. {path / inside[0]}" if inside else ""
-        raise UserError(f"{path}: unknown model folder: neither a memaudit checkpoint (config.json with "
-                        f"format {native.FORMAT!r}) nor a diffusers UNet folder (config.json with _class_name)"
-                        f"{hint}")
-    if path.name == native.WEIGHTS_NAME and native.is_native(path.parent):
+    if path.is_file() and path.name == native.WEIGHTS_NAME and native.is_native(path.parent):
         raise UserError(f"{path} is the weights file of the memaudit checkpoint {path.parent}: pass the folder "
                         f"{path.parent}")
-    if torchscript.is_torchscript(path):
-        return "torchscript"
-    if statedict.is_safetensors(path):
-        return "safetensors"
-    check_torch_file(path)
-    return "torch"
+    for name, fmt in FORMATS.items():
+        if fmt.detect(path):
+            return name
+    inside = sorted(p.name for p in path.iterdir() if p.is_dir() and native.is_native(p))
+    hint = f"; it holds memaudit checkpoints: pass one of them, e.g. {path / inside[0]}" if inside else ""
+    raise UserError(f"{path}: unknown model folder: neither a memaudit checkpoint (config.json with "
+                    f"format {native.FORMAT!r}) nor a diffusers UNet folder (config.json with _class_name){hint}")
 
 
 def check_torch_file(path: Path) -> None:

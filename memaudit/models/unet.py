@@ -108,7 +108,3 @@ class UNet(nn.Module):
             if i < self.levels - 1:
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.out(F.silu(self.out_norm(h)))
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

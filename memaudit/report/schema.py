@@ -3,7 +3,6 @@
 build_report() assembles the dict from the metrics' sections, summarize() asks each listed metric for its
 gateable numbers, attach_gates() evaluates `--fail-on` gates and sets the status, validate_report() checks a
 report (the JSON writer runs it on every report) and raises ValueError naming the first problem.
-summary_table() is the summary table of docs/report-schema.md, generated from the metric list.
 """
 
 from __future__ import annotations
@@ -180,14 +179,3 @@ def _validate_gates(c: Check, report: Mapping) -> None:
         c.fail("status", f"must be 'pass' or 'fail', got {report['status']!r}")
     if report["status"] != ("fail" if failed else "pass"):
         c.fail("status", f"is {report['status']!r} but the gates say {'fail' if failed else 'pass'!r}")
-
-
-# --------------------------------------------------------------------------------------------- the doc
-
-def summary_table() -> str:
-    """The Markdown table of gateable summary keys of docs/report-schema.md, from the metric list."""
-    rows = ["| key | metric | derived as |", "|---|---|---|"]
-    for metric in METRICS:
-        for key, how in {**metric.summary_keys, **metric.run_keys}.items():
-            rows.append(f"| `{key.replace('{sampler}', '<sampler>')}` | `{metric.name}` | {how} |")
-    return "\n".join(rows)
