@@ -1,6 +1,7 @@
 """The memorization metrics, one module per metric, listed once here (see memaudit.metrics.base.Metric).
 
 nn_ratio           d1/d2 nearest/second-nearest distinct training image, fraction memorized (< 1/3)
+adaptive_l2        Carlini et al.'s d1 / (0.5 x mean distance to the 50 nearest training images)
 entropy            entropy of the top-k empirical weights along sampling trajectories; collapse_sigma
 trajectory_cosine  1 - cos(D(x,s) - x, D*(x,s) - x) at the points the sampler visits
 score_cosine       the same on noisy training points
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from memaudit.metrics import entropy, fid, jacobian, nn_ratio, score_cosine, trajectory_cosine
+from memaudit.metrics import adaptive_l2, entropy, fid, jacobian, nn_ratio, score_cosine, trajectory_cosine
 from memaudit.metrics.base import RUN, SCAN, Metric, sampler_key
 
 METRICS: tuple[Metric, ...] = (
     nn_ratio.METRIC,
+    adaptive_l2.METRIC,
     entropy.METRIC,
     trajectory_cosine.METRIC,
     score_cosine.METRIC,
