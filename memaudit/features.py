@@ -15,13 +15,17 @@ Nothing is downloaded: a space that needs weights takes a local file.
 
 from __future__ import annotations
 
+import platform
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from memaudit.data import to_uint8
 from memaudit.errors import UserError, first_lines
 
 
@@ -94,10 +98,56 @@ def torchscript(path: Optional[str], device) -> FeatureSpace:
     return FeatureSpace(f"torchscript:{path}", _checked(str(path), module, device))
 
 
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+def _import_cleanfid():
+    """cleanfid.fid, or None if it (or its torchvision dependency) cannot be imported."""
+    try:
+        from cleanfid import fid
+    except Exception:  # ImportError, or torchvision failing to load against this torch
+        return None
+    return fid
+
+
+def cleanfid_available() -> bool:
+    """True if clean-fid can be imported."""
+    return _import_cleanfid() is not None
+
+
+def inception_cache_path() -> Path:
+    """Where clean-fid looks for its Inception weights: /tmp on POSIX, ./ on Windows."""
+    return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
+
+
+def inception_features(device) -> Callable[[Tensor], Tensor]:
+    """clean-fid's Inception pool3 features (B, 2048) for images in [-1, 1], resized the clean-fid way.
+
+    UserError when clean-fid cannot be imported or its weights are not already on disk (no download).
+    """
+    if _import_cleanfid() is None:
+        raise UserError("the inception feature space needs clean-fid (pip install 'memaudit[fid]')")
+    weights = inception_cache_path()
+    if not weights.is_file():
+        raise UserError(f"clean-fid's Inception weights are not at {weights}: copy {INCEPTION_FILE} there (nothing "
+                        "is downloaded)")
+    from cleanfid.features import build_feature_extractor
+    from cleanfid.resize import build_resizer
+
+    model = build_feature_extractor("clean", device=torch.device(device))
+    resize = build_resizer("clean")
+
+    def features(x: Tensor) -> Tensor:
+        arrays = [resize(np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a) for a in to_uint8(x)]
+        batch = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)).float().to(device)
+        with torch.no_grad():
+            return model(batch).detach().float().cpu().reshape(x.shape[0], -1)
+
+    return features
+
+
 def inception(argument: Optional[str], device) -> FeatureSpace:
     """clean-fid's Inception pool3 features (B, 2048), images resized the clean-fid way (no download)."""
-    from memaudit.metrics.fid import inception_features
-
     return FeatureSpace("inception", inception_features(device))
 
 

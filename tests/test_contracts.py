@@ -164,7 +164,7 @@ def feature_spec(name: str, tmp_path: Path) -> str:
         save_file({k: v.contiguous() for k, v in ResNet18().state_dict().items()}, str(tmp_path / "r.safetensors"))
         return f"resnet18:{tmp_path / 'r.safetensors'}"
     if name == "inception":
-        from memaudit.metrics.fid import cleanfid_available, inception_cache_path
+        from memaudit.features import cleanfid_available, inception_cache_path
 
         if not (cleanfid_available() and inception_cache_path().is_file()):
             pytest.skip("clean-fid and its Inception weights are not on this machine")

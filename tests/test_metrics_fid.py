@@ -12,6 +12,7 @@ from scipy import linalg
 from digits import digits_dataset
 from memaudit.data import array_to_images
 from memaudit.errors import UserError
+from memaudit import features as featmod
 from memaudit.metrics import fid as fidmod
 from memaudit.metrics.fid import FIDResult, clean_fid, compute_fid, fid_proxy, frechet_distance
 
@@ -97,8 +98,8 @@ def test_clean_fid_unavailable_here_is_fast():
 
 
 def test_clean_fid_without_weights_says_where_to_put_them(monkeypatch, tmp_path):
-    monkeypatch.setattr(fidmod, "_import_cleanfid", lambda: types.SimpleNamespace())
-    monkeypatch.setattr(fidmod, "inception_cache_path", lambda: tmp_path / fidmod.INCEPTION_FILE)
+    monkeypatch.setattr(featmod, "_import_cleanfid", lambda: types.SimpleNamespace())
+    monkeypatch.setattr(featmod, "inception_cache_path", lambda: tmp_path / fidmod.INCEPTION_FILE)
     result = clean_fid(torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), "cpu")
     assert result.value is None and "Inception weights" in result.message and "\n" not in result.message
 
@@ -121,8 +122,8 @@ def test_clean_fid_is_the_frechet_distance_of_inception_features(monkeypatch, tm
     monkeypatch.setitem(sys.modules, "cleanfid.resize", resize_mod)
     weights = tmp_path / fidmod.INCEPTION_FILE
     weights.write_bytes(b"x")
-    monkeypatch.setattr(fidmod, "_import_cleanfid", lambda: types.SimpleNamespace())
-    monkeypatch.setattr(fidmod, "inception_cache_path", lambda: weights)
+    monkeypatch.setattr(featmod, "_import_cleanfid", lambda: types.SimpleNamespace())
+    monkeypatch.setattr(featmod, "inception_cache_path", lambda: weights)
     g = torch.Generator().manual_seed(1)
     samples, train = torch.rand(30, 1, 8, 8, generator=g) * 2 - 1, torch.rand(40, 1, 8, 8, generator=g) * 2 - 1
     result = clean_fid(samples, train, "cpu")

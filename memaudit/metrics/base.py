@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from memaudit.features import embed
 from memaudit.validation import Check
 
 RUN, SCAN = "run", "scan"
@@ -95,8 +96,6 @@ class RunData:
         searched once for the largest k any metric asks for."""
         k = min(k, ctx.index.num_points)
         if "k" not in self._neighbours or self._neighbours["k"] < k:
-            from memaudit.features import embed
-
             dist, idx = ctx.index.search(embed(self.samples, ctx.features), k)
             self._neighbours = {"k": k, "dist": dist, "idx": idx}
         return self._neighbours["dist"][:, :k], self._neighbours["idx"][:, :k]

@@ -8,7 +8,6 @@ numbers; use it only to compare runs on the same training set.
 
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -17,12 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memaudit.data import to_uint8
 from memaudit.errors import UserError, first_lines
+from memaudit.features import INCEPTION_FILE, cleanfid_available, inception_cache_path, inception_features  # noqa: F401
 from memaudit.metrics.base import SCAN, Metric, RunData, ScanContext
 from memaudit.numbers import finite_or_none, fmt
 
-INCEPTION_FILE = "inception-2015-12-05.pt"
 FID_MODES = ("auto", "clean-fid", "proxy", "off")
 MAX_PCA_FIT = 5000
 
@@ -108,29 +106,10 @@ def fid_proxy(samples: Tensor, train: Tensor, dims: int = 64) -> float:
     return frechet_distance(mu1, c1, mu2, c2)
 
 
-def _import_cleanfid():
-    """cleanfid.fid, or None if it (or its torchvision dependency) cannot be imported."""
-    try:
-        from cleanfid import fid
-    except Exception:  # ImportError, or torchvision failing to load against this torch
-        return None
-    return fid
-
-
-def cleanfid_available() -> bool:
-    """True if clean-fid can be imported."""
-    return _import_cleanfid() is not None
-
-
-def inception_cache_path() -> Path:
-    """Where clean-fid looks for its Inception weights: /tmp on POSIX, ./ on Windows."""
-    return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
-
-
 def clean_fid(samples: Tensor, train: Tensor, device) -> FIDResult:
     """FID between samples and training images with clean-fid's Inception (pool3, mode 'clean'), computed in
     memory from features of the images quantised to uint8 (as clean-fid's folders hold them); no download."""
-    if _import_cleanfid() is None:
+    if not cleanfid_available():
         return FIDResult(None, "clean-fid", "clean-fid is not installed (pip install 'memaudit[fid]')")
     if samples.shape[0] < 2 or train.shape[0] < 2:
         return FIDResult(None, "clean-fid", "FID needs at least 2 samples and 2 training images")
@@ -169,32 +148,6 @@ def compute_fid(samples: Tensor, train: Tensor, device, mode: str = "auto") -> l
     if mode in ("auto", "proxy"):
         results.append(proxy_result(samples, train))
     return results
-
-
-def inception_features(device) -> Callable[[Tensor], Tensor]:
-    """clean-fid's Inception pool3 features (B, 2048) for images in [-1, 1], resized the clean-fid way.
-
-    UserError when clean-fid cannot be imported or its weights are not already on disk (no download).
-    """
-    if _import_cleanfid() is None:
-        raise UserError("the inception feature space needs clean-fid (pip install 'memaudit[fid]')")
-    weights = inception_cache_path()
-    if not weights.is_file():
-        raise UserError(f"clean-fid's Inception weights are not at {weights}: copy {INCEPTION_FILE} there (nothing "
-                        "is downloaded)")
-    from cleanfid.features import build_feature_extractor
-    from cleanfid.resize import build_resizer
-
-    model = build_feature_extractor("clean", device=torch.device(device))
-    resize = build_resizer("clean")
-
-    def features(x: Tensor) -> Tensor:
-        arrays = [resize(np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a) for a in to_uint8(x)]
-        batch = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)).float().to(device)
-        with torch.no_grad():
-            return model(batch).detach().float().cpu().reshape(x.shape[0], -1)
-
-    return features
 
 
 FID_KINDS = ("clean-fid", "proxy")
