@@ -1,6 +1,8 @@
-"""The scan: sample a model with each sampler, compute the four memorization metrics and FID, build the report.
+"""The scan: sample a model with each sampler, compute every metric of memaudit.metrics.METRICS, build the report.
 
-Every metric compares the model to the exact empirical denoiser D*_1 of the training set (DESIGN.md).
+The metrics compare the model to the exact empirical denoiser D*_1 of the training set (DESIGN.md); run
+metrics get each sampler run, scan metrics the whole scan, through one ScanContext. Gates are not the engine's
+business: the caller attaches them to the report.
 Near-duplicate training images are clustered first, so a copy of a duplicated image still counts as a copy.
 Sampling progress is saved per batch in a work folder so an interrupted scan can resume exactly; saved
 samples are checked (digests, shapes, a re-drawn spot check) before they are trusted, and the report says

@@ -1,4 +1,4 @@
-"""`memaudit scan MODEL DATA`: sample, measure memorization, print/write reports, gate CI (exit 0/1/2)."""
+"""`memaudit scan MODEL DATA`: sample, measure memorization, attach the gates, print/write reports, exit 0/1/2."""
 
 from __future__ import annotations
 
