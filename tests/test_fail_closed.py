@@ -82,10 +82,8 @@ def test_1_duplicated_training_images_do_not_hide_memorization(capsys, tmp_path,
     assert "near-duplicate" in err  # warned on stderr
 
 
-def tampered_resume(capsys, tmp_path, monkeypatch, recompute_digest: bool):
-    """Interrupt a scan after its first batch, then replace the saved batch with random images (and, like a
-    careful attacker, fix up the manifest's digest); return the resumed scan's (code, report, err)."""
-    work = tmp_path / "work"
+def interrupt_after_first_batch(monkeypatch):
+    """Ctrl-C right after the first sampling batch is saved to the work folder (once)."""
     save = SampleStore.save
 
     def save_then_interrupt(self, sampler, batches):
@@ -94,6 +92,13 @@ def tampered_resume(capsys, tmp_path, monkeypatch, recompute_digest: bool):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(SampleStore, "save", save_then_interrupt)
+
+
+def tampered_resume(capsys, tmp_path, monkeypatch, recompute_digest: bool):
+    """Interrupt a scan after its first batch, then replace the saved batch with random images (and, like a
+    careful attacker, fix up the manifest's digest); return the resumed scan's (code, report, err)."""
+    work = tmp_path / "work"
+    interrupt_after_first_batch(monkeypatch)
     args = [*QUICK, "--batch-size", "8", "--workdir", work, *GATE]
     assert scan(capsys, tmp_path, MODEL, DATA, *args)[0] == 130
     [folder] = work.glob("scan-*")
@@ -122,14 +127,7 @@ def test_2_a_tampered_work_folder_is_not_resumed(capsys, tmp_path, monkeypatch, 
 
 
 def test_2_a_sound_resume_is_recorded_in_the_report(capsys, tmp_path, monkeypatch):
-    save = SampleStore.save
-
-    def save_then_interrupt(self, sampler, batches):
-        save(self, sampler, batches)
-        monkeypatch.setattr(SampleStore, "save", save)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(SampleStore, "save", save_then_interrupt)
+    interrupt_after_first_batch(monkeypatch)
     args = [*QUICK, "--batch-size", "8", "--workdir", tmp_path / "work"]
     assert scan(capsys, tmp_path, MODEL, DATA, *args)[0] == 130
     code, report, err = scan(capsys, tmp_path, MODEL, DATA, *args, "--resume")
@@ -557,14 +555,7 @@ def test_20_a_dataset_too_large_for_memory_is_refused_before_loading(capsys, tmp
 # ---------------------------------------------------------------------------------------------- messages
 
 def test_21_settings_that_do_not_change_samples_keep_the_work_folder(capsys, tmp_path, monkeypatch):
-    save = SampleStore.save
-
-    def save_then_interrupt(self, sampler, batches):
-        save(self, sampler, batches)
-        monkeypatch.setattr(SampleStore, "save", save)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(SampleStore, "save", save_then_interrupt)
+    interrupt_after_first_batch(monkeypatch)
     args = [*QUICK, "--batch-size", "8", "--workdir", tmp_path / "work"]
     assert run_cli(capsys, "scan", MODEL, DATA, *args, "--fid", "proxy")[0] == 130
     code, report, err = scan(capsys, tmp_path, MODEL, DATA, *args, "--fid", "off", "--threshold", "0.3",

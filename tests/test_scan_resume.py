@@ -139,14 +139,9 @@ CLI_FAST = ["--samples", "16", "--batch-size", "8", "--steps", "4", "--sampler",
 @pytest.fixture
 def interrupt_after_first_batch(monkeypatch):
     """Ctrl-C right after the first sampling batch was saved to the work folder."""
-    save = SampleStore.save
+    from test_fail_closed import interrupt_after_first_batch as interrupt
 
-    def save_then_interrupt(self, sampler, batches):
-        save(self, sampler, batches)
-        monkeypatch.setattr(SampleStore, "save", save)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(SampleStore, "save", save_then_interrupt)
+    interrupt(monkeypatch)
 
 
 @pytest.fixture
