@@ -37,10 +37,16 @@ class TopK:
 
 class EmpiricalDenoiser(Denoiser):
     """D*_T(x, sigma) over a training tensor (M, C, H, W); `k` restricts the sum to the k nearest points;
-    `bandwidth` h floors the softmax variance: max(sigma^2 T, h^2)."""
+    `bandwidth` h floors the softmax variance: max(sigma^2 T, h^2).
+
+    The k-nearest sum renormalises over the top k, which drops the weight mass of the other M - k points.
+    `tail` L adds L fixed random non-neighbours, each weighed (M - k) / L' against 1 for a neighbour (L' of the
+    L outside the top k for that x), the unbiased estimate of the closed-form diffusion literature (DEANN-style
+    random tail); `truncated_mass` estimates the mass the plain top-k sum drops."""
 
     def __init__(self, train: Tensor, temperature: float = 1.0, k: Optional[int] = None,
-                 chunk_size: int = DEFAULT_CHUNK, bandwidth: Optional[float] = None):
+                 chunk_size: int = DEFAULT_CHUNK, bandwidth: Optional[float] = None, tail: Optional[int] = None,
+                 seed: int = 0):
         super().__init__()
         if train.ndim != 4 or train.shape[0] == 0:
             raise UserError("the empirical model needs a non-empty training set of shape (M, C, H, W)")
@@ -53,6 +59,8 @@ class EmpiricalDenoiser(Denoiser):
             raise UserError(f"bandwidth h must be a number in [0, {MAX_TEMPERATURE:g}], not {bandwidth}")
         if chunk_size < 1:
             raise UserError(f"chunk must be >= 1 training images per chunk, not {chunk_size}")
+        if tail is not None and (k is None or tail < 1):
+            raise UserError(f"tail={tail} needs k (the tail samples the images beyond the k nearest) and tail >= 1")
         self.bandwidth = float(bandwidth) if bandwidth else None
         self.image_shape = tuple(train.shape[1:])
         self.temperature = float(temperature)
@@ -62,6 +70,9 @@ class EmpiricalDenoiser(Denoiser):
         self.register_buffer("points", flat, persistent=False)
         self.register_buffer("neg_sq_norms", -(flat * flat).sum(1), persistent=False)
         self.sigma_min, self.sigma_max = 0.002, 80.0
+        tail_idx = (torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))[: int(tail)]
+                    if tail else torch.empty(0, dtype=torch.long))
+        self.register_buffer("tail_indices", tail_idx, persistent=False)
 
     @classmethod
     def from_spec(cls, spec: str, train: Optional[Tensor]) -> "EmpiricalDenoiser":
@@ -140,19 +151,61 @@ class EmpiricalDenoiser(Denoiser):
         return TopK(best_val, best_idx)
 
     def _knn(self, xf: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """Weights (B, k) and points (B, k, d) of the k nearest training points (exact distances on them)."""
+        """Weights (B, n) and points (B, n, d) of the k nearest training points (exact distances on them), and
+        with a random tail its members too (n = k + L, tail members inside the top k weighed 0)."""
         idx = self.topk(xf, sigma, self.k).indices
-        return self.knn_weights(xf, sigma, idx), self.points[idx]
+        if not len(self.tail_indices):
+            return self.knn_weights(xf, sigma, idx), self.points[idx]
+        tail = self.tail_indices.to(idx.device).expand(idx.shape[0], -1)
+        outside = ~(tail[:, :, None] == idx[:, None, :]).any(2)  # (B, L): tail members not among the top k
+        factor = (self.num_points - idx.shape[1]) / outside.sum(1, keepdim=True).clamp_min(1)
+        both = torch.cat([idx, tail], 1)
+        logits = self.logits_at(xf, sigma, both)
+        log_scale = torch.cat([torch.zeros_like(idx, dtype=logits.dtype),
+                               torch.where(outside, factor.log().to(logits.dtype),
+                                           torch.full_like(factor, -torch.inf).expand_as(tail))], 1)
+        return torch.softmax(logits + log_scale, dim=1), self.points[both]
 
     def _knn_denoise(self, xf: Tensor, sigma: Tensor) -> Tensor:
         """D* restricted to the k nearest points: sum_j w_j x_(j)."""
         w, pts = self._knn(xf, sigma)
         return torch.einsum("bk,bkd->bd", w, pts)
 
+    def logits_at(self, xf: Tensor, sigma: Tensor, idx: Tensor) -> Tensor:
+        """-||x - x_i||^2 / (2 v) for the given training indices (B, n), distances computed directly."""
+        d2 = ((xf[:, None, :] - self.points[idx]) ** 2).sum(-1)
+        return -d2 * self.inverse_scale(xf, sigma)
+
+    def nearest_distance(self, x: Tensor) -> Tensor:
+        """||x - NN(x)|| per sample, NN(x) its nearest training image (exact distance); (B,)."""
+        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        idx = self.topk(xf, 1.0, 1).indices[:, 0]
+        return (xf - self.points[idx]).norm(dim=1)
+
+    def truncated_mass(self, x: Tensor, sigma: Tensor | float, k: int, tail: int = 256, seed: int = 0) -> Tensor:
+        """The share of the full softmax weight outside the top k, per sample: exact when tail >= M - k, else
+        estimated from `tail` random non-neighbours; (B,)."""
+        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        sigma = as_sigma(sigma, xf)
+        top = self.topk(xf, sigma, k)
+        rest = torch.ones(self.num_points, dtype=torch.bool, device=xf.device).expand(xf.shape[0], -1).clone()
+        rest.scatter_(1, top.indices, False)
+        inside = torch.logsumexp(self.logits_at(xf, sigma, top.indices), 1)
+        if self.num_points - top.indices.shape[1] <= tail:  # exact: every point outside the top k
+            everyone = torch.arange(self.num_points, device=xf.device).expand(xf.shape[0], -1)
+            outside = torch.logsumexp(self.logits_at(xf, sigma, everyone).masked_fill(~rest, -torch.inf), 1)
+        else:
+            pick = torch.randperm(self.num_points, generator=torch.Generator().manual_seed(seed))[:tail]
+            pick = pick.to(xf.device).expand(xf.shape[0], -1)
+            keep = rest.gather(1, pick)
+            logits = self.logits_at(xf, sigma, pick).masked_fill(~keep, -torch.inf)
+            scale = (self.num_points - top.indices.shape[1]) / keep.sum(1).clamp_min(1)
+            outside = torch.logsumexp(logits, 1) + scale.log().to(logits.dtype)
+        return torch.sigmoid(outside - inside)
+
     def knn_weights(self, xf: Tensor, sigma: Tensor, idx: Tensor) -> Tensor:
         """softmax over the given neighbours of -||x - x_i||^2 / (2 v), distances computed directly."""
-        d2 = ((xf[:, None, :] - self.points[idx]) ** 2).sum(-1)
-        return torch.softmax(-d2 * self.inverse_scale(xf, sigma), dim=1)
+        return torch.softmax(self.logits_at(xf, sigma, idx), dim=1)
 
     def jvp(self, x: Tensor, sigma: Tensor | float, v: Tensor) -> Tensor:
         """J v = (sum_i w_i x_i (x_i.v) - D (D.v)) / v_sigma, the analytic Jacobian-vector product
@@ -171,13 +224,17 @@ class EmpiricalDenoiser(Denoiser):
 
 
 def parse_empirical_spec(spec: str) -> dict:
-    """'empirical:T=2,k=64,h=0.5' -> {'temperature': 2.0, 'k': 64, 'bandwidth': 0.5}; UserError on anything else."""
+    """'empirical:T=2,k=64,h=0.5' -> {'temperature': 2.0, 'k': 64, 'bandwidth': 0.5}; UserError on anything else.
+
+    Keys: T (temperature), k, h (bandwidth floor), tail (random non-neighbours beyond k), chunk, and kernel=h,
+    samples=S for the kernel-smoothed model (memaudit.smoothing.kernel; built by memaudit.models.load)."""
     name, _, args = spec.partition(":")
     if name.strip().lower() != "empirical":
         raise UserError(f"not an empirical model spec: {spec!r}")
     out: dict = {}
     keys = {"t": ("temperature", float), "temperature": ("temperature", float), "k": ("k", int),
-            "chunk": ("chunk_size", int), "h": ("bandwidth", float), "bandwidth": ("bandwidth", float)}
+            "chunk": ("chunk_size", int), "h": ("bandwidth", float), "bandwidth": ("bandwidth", float),
+            "tail": ("tail", int), "kernel": ("kernel", float), "samples": ("samples", int)}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")
         if not eq or key.strip().lower() not in keys:

@@ -144,13 +144,67 @@ def ancestral(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: Noi
     return x
 
 
+@torch.no_grad()
+def predictor_corrector(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn,
+                        callback: Optional[StepCallback] = None, snr: float = 0.16, corrector_steps: int = 1) -> Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, Alg. 2, VE): at each sigma, Langevin corrector steps
+    x <- x + e g + sqrt(2 e) z with g = s(x, sigma), e = 2 (snr ||z|| / ||g||)^2 (norms per sample, not per batch,
+    so a sample does not depend on its batch), then the reverse-diffusion predictor x <- x + (s^2 - s'^2) g
+    + sqrt(s^2 - s'^2) z; the last predictor step returns its noise-free mean D(x, sigma_min)."""
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        for _ in range(corrector_steps):
+            grad = (_denoise(denoiser, x, s) - x) / s**2
+            z = noise(x)
+            ratio = _norms(z) / _norms(grad).clamp_min(torch.finfo(x.dtype).tiny)
+            step = 2 * (snr * ratio) ** 2
+            x = x + step * grad + torch.sqrt(2 * step) * z
+        denoised = _denoise(denoiser, x, s)
+        if callback is not None:
+            callback(i, s, x, denoised)
+        if s_next == 0:
+            x = denoised
+            continue
+        var = s**2 - s_next**2
+        x = x + var * (denoised - x) / s**2 + math.sqrt(var) * noise(x)
+    return x
+
+
+def _norms(v: Tensor) -> Tensor:
+    """Per-sample L2 norms shaped (B, 1, 1, ...) to broadcast against v."""
+    return v.reshape(v.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (v.ndim - 1)))
+
+
+@torch.no_grad()
+def adaptive(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: Optional[NoiseFn] = None,
+             callback: Optional[StepCallback] = None, nearest: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """The seed paper's adaptive step for noise-unconditioned models (Zhou et al. 2026, Sec. A.7, fix (b)):
+    x <- x + alpha sigma*^2 s(x, sigma*), sigma* = ||x - NN(x)|| / sqrt(d) the noise level x actually carries
+    (NN = its nearest training image), alpha = 1 - sigma'/sigma from the schedule (1 at the last step: a
+    denoising step at sigma*). With s = (D - x) / sigma*^2 this is x <- x + alpha (D(x, sigma*) - x).
+    It reads the training set (`nearest`), so it is a measuring device for audits, not a deployable sampler;
+    note that it pulls any sample far from the training set back toward a denoised average."""
+    if nearest is None:
+        raise UserError("the adaptive sampler needs the training set (a nearest-neighbour distance)")
+    lo, hi = float(denoiser.sigma_min), float(denoiser.sigma_max)
+    d = math.prod(x.shape[1:])
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        star = (nearest(x).to(x.device, x.dtype) / math.sqrt(d)).clamp(lo, hi)
+        denoised = denoiser(x, star)
+        if callback is not None:
+            callback(i, s, x, denoised)
+        x = x + (1.0 - s_next / s) * (denoised - x)
+    return x
+
+
 @dataclass(frozen=True)
 class Sampler:
-    """A table entry: the function, whether it draws noise, and one line for --help and the docs."""
+    """A table entry: the function, whether it draws noise, whether it reads the training set (`nearest`), and
+    one line for --help and the docs."""
 
     fn: Callable[..., Tensor]
     stochastic: bool
     summary: str
+    needs_nearest: bool = False
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -160,6 +214,10 @@ SAMPLERS: dict[str, Sampler] = {
     "edm-sde": Sampler(partial(heun, s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003), True,
                        "EDM stochastic Heun, S_churn 40 (Karras et al. 2022, Alg. 2)"),
     "ddpm": Sampler(ancestral, True, "DDPM ancestral, eta 1 (Ho et al. 2020)"),
+    "pc": Sampler(predictor_corrector, True, "predictor-corrector: reverse diffusion + Langevin, snr 0.16 "
+                                             "(Song et al. 2021)"),
+    "adaptive": Sampler(adaptive, False, "adaptive step at the implicit noise level ||x - NN(x)||/sqrt(d), for "
+                                         "unconditioned models (Zhou et al. 2026)", needs_nearest=True),
 }
 
 
@@ -220,8 +278,9 @@ def cpu_noise(generator: torch.Generator, batch: int, rows: Optional[Tensor] = N
 
 def sample_batch(denoiser: Denoiser, size: int, config: SamplerConfig, generator: torch.Generator,
                  device: torch.device, callback: Optional[StepCallback] = None,
-                 rows: Optional[Tensor] = None) -> Tensor:
-    """One batch of `size` samples from the generator's current state (only `rows` of it when given)."""
+                 rows: Optional[Tensor] = None, nearest: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """One batch of `size` samples from the generator's current state (only `rows` of it when given); `nearest`
+    (distance of each x to its nearest training image) is passed to the samplers that read the training set."""
     sigmas = config.sigmas_for(denoiser).tolist()
     noise = cpu_noise(generator, size, rows)
     x = noise(torch.empty((size if rows is None else len(rows), *denoiser.image_shape), device=device)) * sigmas[0]
@@ -235,7 +294,9 @@ def sample_batch(denoiser: Denoiser, size: int, config: SamplerConfig, generator
         if callback is not None:
             callback(i, sigma, x_i, denoised)
 
-    out = SAMPLERS[config.sampler].fn(denoiser, x, sigmas, noise, checked)
+    entry = SAMPLERS[config.sampler]
+    extra = {"nearest": nearest} if entry.needs_nearest else {}
+    out = entry.fn(denoiser, x, sigmas, noise, checked, **extra)
     if not torch.isfinite(out).all():
         raise NonFiniteSamples(f"the model's final samples ({config.sampler}) hold NaN or infinite values")
     return out
@@ -269,7 +330,8 @@ class Batch:
 def sample(denoiser: Denoiser, n: int, config: SamplerConfig, seed: int = 0, batch_size: int = 64,
            device: str | torch.device | None = None, progress: Optional[Callable[[int], None]] = None,
            record: int = 0, batches: Sequence[Batch] = (),
-           on_batch: Optional[Callable[[Batch], None]] = None) -> tuple[Tensor, list[Trajectory]]:
+           on_batch: Optional[Callable[[Batch], None]] = None,
+           nearest: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, list[Trajectory]]:
     """Draw n samples in batches; returns (samples on CPU, trajectories of the first `record` samples).
 
     All noise comes from one CPU generator seeded with `seed`, so results do not depend on the device.
@@ -293,7 +355,7 @@ def sample(denoiser: Denoiser, n: int, config: SamplerConfig, seed: int = 0, bat
         size = min(batch_size, n - done)
         before = generator.get_state()
         traj = Trajectory(rows=min(size, record - done)) if done < record else None
-        out = sample_batch(denoiser, size, config, generator, device, traj)
+        out = sample_batch(denoiser, size, config, generator, device, traj, nearest=nearest)
         batch = Batch(out.cpu(), before, generator.get_state(), traj)
         batches.append(batch)
         done += size
@@ -306,8 +368,9 @@ def sample(denoiser: Denoiser, n: int, config: SamplerConfig, seed: int = 0, bat
 
 
 def rerun_rows(denoiser: Denoiser, batch: Batch, rows: Tensor, config: SamplerConfig,
-               device: str | torch.device) -> Tensor:
+               device: str | torch.device, nearest: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Re-draw `rows` of a finished batch from its saved generator state (to check saved samples on resume)."""
     generator = torch.Generator()
     generator.set_state(batch.generator_before)
-    return sample_batch(denoiser, batch.samples.shape[0], config, generator, torch.device(device), rows=rows).cpu()
+    return sample_batch(denoiser, batch.samples.shape[0], config, generator, torch.device(device), rows=rows,
+                        nearest=nearest).cpu()

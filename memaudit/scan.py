@@ -161,14 +161,15 @@ def check_sampling_memory(config: ScanConfig, image_shape: Sequence[int]) -> Non
                "lower --samples or --batch-size")
 
 
-def spot_check(model: Denoiser, batches: list[Batch], config: SamplerConfig, device: str) -> Optional[str]:
+def spot_check(model: Denoiser, batches: list[Batch], config: SamplerConfig, device: str,
+               nearest=None) -> Optional[str]:
     """Re-draw SPOT_CHECK_ROWS saved samples (rows chosen at random, anew on every resume) from their batch's
     recorded generator state; a message if any differs from what was saved, else None."""
     rng = secrets.SystemRandom()
     for _ in range(SPOT_CHECK_ROWS):
         batch = rng.choice(batches)
         row = rng.randrange(batch.samples.shape[0])
-        again = rerun_rows(model, batch, torch.tensor([row]), config, device)[0]
+        again = rerun_rows(model, batch, torch.tensor([row]), config, device, nearest=nearest)[0]
         rms = float((again.double() - batch.samples[row].double()).pow(2).mean().sqrt())
         if not rms <= SPOT_CHECK_RMS:
             return f"a saved sample differs from its re-drawn value (RMS {rms:.3g})"
@@ -186,12 +187,12 @@ class RunSamples:
 
 
 def sample_run(model: Denoiser, sampler: str, config: ScanConfig, store: SampleStore, resume: bool,
-               task: TaskFactory, note: NoteFn, record: int) -> RunSamples:
+               task: TaskFactory, note: NoteFn, record: int, nearest=None) -> RunSamples:
     """Samples and recorded trajectories of one sampler run, resumed from the store when asked (and sound)."""
     sampler_config = config.sampler_config(sampler)
     batches, problem = store.load(sampler, config.num_samples, model.image_shape) if resume else ([], None)
     if batches:
-        problem = spot_check(model, batches, sampler_config, config.device)
+        problem = spot_check(model, batches, sampler_config, config.device, nearest)
         batches = [] if problem else batches
     if problem:
         note(f"not resuming {sampler} from {store.folder}: {problem}; sampling it from the start")
@@ -211,7 +212,7 @@ def sample_run(model: Denoiser, sampler: str, config: ScanConfig, store: SampleS
 
     samples, trajectories = sample(model, config.num_samples, sampler_config, seed=config.seed,
                                    batch_size=config.batch_size, device=config.device, progress=advance,
-                                   record=record, batches=batches, on_batch=save)
+                                   record=record, batches=batches, on_batch=save, nearest=nearest)
     return RunSamples(samples, trajectories, resumed, SPOT_CHECK_ROWS if batches else 0)
 
 
@@ -253,7 +254,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
                                   "data": data_fingerprint(train) if workdir is not None else None})
     runs, resumed = {}, {}
     for sampler in config.samplers:
-        run = sample_run(model, sampler, config, store, resume, task, note, record)
+        run = sample_run(model, sampler, config, store, resume, task, note, record, ctx.empirical.nearest_distance)
         ctx.runs[sampler] = RunData(sampler, run.samples, run.trajectories)
         advance = task(f"metrics {sampler}", 1)
         runs[sampler] = {m.name: m.compute(ctx, ctx.runs[sampler]) for m in METRICS

@@ -68,7 +68,10 @@ def test_every_sampler_has_the_one_signature_and_ends_with_a_denoising_step(name
     sigmas = karras_sigmas(6).tolist()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 1, 4, 4, generator=g) * sigmas[0]
-    out = SAMPLERS[name].fn(PointMass(), x, sigmas, cpu_noise(g, 8), lambda i, s, x_i, d: seen.append((i, s)))
+    extra = {"nearest": lambda y: (y - PointMass().c).reshape(y.shape[0], -1).norm(dim=1)} \
+        if SAMPLERS[name].needs_nearest else {}
+    out = SAMPLERS[name].fn(PointMass(), x, sigmas, cpu_noise(g, 8), lambda i, s, x_i, d: seen.append((i, s)),
+                            **extra)
     assert [i for i, _ in seen] == list(range(6)) and all(a[1] >= b[1] for a, b in zip(seen, seen[1:]))
     # whatever noise is left at sigma_min, the last step returns D: exactly the one image
     torch.testing.assert_close(out, PointMass().c.expand_as(out), rtol=0, atol=1e-5)
@@ -77,9 +80,10 @@ def test_every_sampler_has_the_one_signature_and_ends_with_a_denoising_step(name
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_every_sampler_is_seeded(name):
     config = SamplerConfig(sampler=name, steps=5)
-    a, _ = sample(Gaussian(), 6, config, seed=3, batch_size=4)
-    assert torch.equal(a, sample(Gaussian(), 6, config, seed=3, batch_size=4)[0])
-    assert not torch.equal(a, sample(Gaussian(), 6, config, seed=4, batch_size=4)[0])
+    near = lambda y: y.reshape(y.shape[0], -1).norm(dim=1)  # noqa: E731 - the distance to the data's mean
+    a, _ = sample(Gaussian(), 6, config, seed=3, batch_size=4, nearest=near)
+    assert torch.equal(a, sample(Gaussian(), 6, config, seed=3, batch_size=4, nearest=near)[0])
+    assert not torch.equal(a, sample(Gaussian(), 6, config, seed=4, batch_size=4, nearest=near)[0])
 
 
 # ------------------------------------------------------------------------------------- model formats

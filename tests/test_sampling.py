@@ -10,6 +10,11 @@ from memaudit.sampling import (SAMPLERS, NonFiniteSamples, SamplerConfig, karras
                                sample_batch)
 
 
+def to_mean(mu):
+    """A stand-in `nearest` for Gaussian data: the distance to the mean."""
+    return lambda x: (x - mu).reshape(x.shape[0], -1).norm(dim=1)
+
+
 class GaussianDenoiser(Denoiser):
     """Exact denoiser of N(mu, s^2 I): D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu)."""
 
@@ -55,7 +60,9 @@ def memorized(samples, train):
 
 # (s0, samplers, tolerance): a near-memorizer (99.4% of exact draws are copies) for every sampler, and the
 # boundary regime (70%) where the first-order samplers (euler, ddpm) over-report and are held to the 2nd-order.
-MIXTURES = [(0.08, list(SAMPLERS), 0.03), (0.12, ["heun", "sde", "edm-sde"], 0.05)]
+# pc (first-order predictor, Langevin corrector) under-reports the boundary case by ~7 points at 50 steps and
+# is held to the near-memorizer; adaptive is checked separately (it denoises at the distance to the training set).
+MIXTURES = [(0.08, [n for n in SAMPLERS if n != "adaptive"], 0.03), (0.12, ["heun", "sde", "edm-sde"], 0.05)]
 
 
 @pytest.mark.parametrize("s0,names,tolerance", MIXTURES, ids=["near-memorizer", "boundary"])
@@ -66,6 +73,16 @@ def test_each_sampler_at_default_steps_matches_exact_draws_of_a_memorizing_model
     for name in names:
         samples, _ = sample(model, 1000, SamplerConfig(sampler=name), seed=1, batch_size=1000)
         assert abs(memorized(samples, digits32) - reference) <= tolerance, (name, reference)
+
+
+def test_the_adaptive_sampler_over_reports_and_never_under_reports(digits32):
+    """It denoises at sigma* = ||x - NN(x)|| / sqrt(d), so real variation around a training image counts as
+    noise: on the mixture it snaps samples to training images (fail-closed direction, documented)."""
+    model = MixtureDenoiser(digits32, 0.12)
+    reference = memorized(model.exact(4000, torch.Generator().manual_seed(0)), digits32)
+    samples, _ = sample(model, 500, SamplerConfig(sampler="adaptive"), seed=1, batch_size=500,
+                        nearest=model.empirical.nearest_distance)
+    assert memorized(samples, digits32) >= reference
 
 
 def test_karras_schedule_matches_formula():
@@ -88,9 +105,9 @@ def test_samplers_reproduce_gaussian_statistics(sampler, steps):
 def test_seeded_and_deterministic():
     model = GaussianDenoiser(0.0, 0.5)
     for name in SAMPLERS:
-        a, _ = sample(model, 8, SamplerConfig(sampler=name, steps=6), seed=5, batch_size=4)
-        b, _ = sample(model, 8, SamplerConfig(sampler=name, steps=6), seed=5, batch_size=4)
-        c, _ = sample(model, 8, SamplerConfig(sampler=name, steps=6), seed=6, batch_size=4)
+        a, _ = sample(model, 8, SamplerConfig(sampler=name, steps=6), seed=5, batch_size=4, nearest=to_mean(0.0))
+        b, _ = sample(model, 8, SamplerConfig(sampler=name, steps=6), seed=5, batch_size=4, nearest=to_mean(0.0))
+        c, _ = sample(model, 8, SamplerConfig(sampler=name, steps=6), seed=6, batch_size=4, nearest=to_mean(0.0))
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
 
@@ -137,8 +154,8 @@ def test_rows_of_a_batch_are_redrawn_exactly_from_its_generator_state(name):
     model = GaussianDenoiser(0.1, 0.4)
     config = SamplerConfig(sampler=name, steps=6)
     batches = []
-    sample(model, 8, config, seed=3, batch_size=4, on_batch=batches.append)
-    again = rerun_rows(model, batches[1], torch.tensor([2, 0]), config, "cpu")
+    sample(model, 8, config, seed=3, batch_size=4, on_batch=batches.append, nearest=to_mean(0.1))
+    again = rerun_rows(model, batches[1], torch.tensor([2, 0]), config, "cpu", nearest=to_mean(0.1))
     torch.testing.assert_close(again, batches[1].samples[[2, 0]], rtol=1e-6, atol=1e-6)
 
 
@@ -149,15 +166,15 @@ def test_trajectories_keep_only_the_rows_asked_for():
 
 
 class NaNBelow(GaussianDenoiser):
-    """Finite at large sigma, NaN below sigma = 0.1 (as a model that overflows at small noise levels)."""
+    """Finite at large sigma, NaN below sigma = 1 (as a model that overflows at small noise levels)."""
 
     def denoise(self, x, sigma):
         out = super().denoise(x, sigma)
-        return torch.where(sigma.reshape(-1, 1, 1, 1) < 0.1, torch.full_like(out, float("nan")), out)
+        return torch.where(sigma.reshape(-1, 1, 1, 1) < 1.0, torch.full_like(out, float("nan")), out)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_non_finite_samples_stop_sampling_with_a_user_error(name):
     with pytest.raises(NonFiniteSamples, match="NaN or infinite.*sigma="):
         sample_batch(NaNBelow(0.0, 0.5), 3, SamplerConfig(sampler=name, steps=10), torch.Generator().manual_seed(0),
-                     torch.device("cpu"))
+                     torch.device("cpu"), nearest=to_mean(0.0))

@@ -92,7 +92,7 @@ def empirical_jacobian_norm(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tens
 
 
 def step_expansion(denoiser: Denoiser, x: Tensor, s_cur: float, s_next: float, eps: float = 1e-3,
-                   generator: torch.Generator | None = None, sampler: str = "heun") -> Tensor:
+                   generator: torch.Generator | None = None, sampler: str = "heun", nearest=None) -> Tensor:
     """||Phi(x + delta) - Phi(x)|| / ||delta||, Phi one step s_cur -> s_next of `sampler` (both with the same
     noise, so a stochastic step's noise cancels), ||delta|| = eps ||x||; (B,)."""
     x = x.detach().to(device_of(denoiser, x.device))
@@ -103,14 +103,15 @@ def step_expansion(denoiser: Denoiser, x: Tensor, s_cur: float, s_next: float, e
     z = (torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
          if SAMPLERS[sampler].stochastic else None)
     same_noise = lambda like: z  # noqa: E731 - one step draws its noise once
+    extra = {"nearest": nearest} if SAMPLERS[sampler].needs_nearest else {}
     sigmas = [float(s_cur), float(s_next)]
     with torch.no_grad():
-        diff = step(denoiser, x + delta, sigmas, same_noise) - step(denoiser, x, sigmas, same_noise)
+        diff = step(denoiser, x + delta, sigmas, same_noise, **extra) - step(denoiser, x, sigmas, same_noise, **extra)
     return (_norms(diff) / _norms(delta)).reshape(-1)
 
 
 def jacobian_profile(model: Denoiser, empirical: EmpiricalDenoiser, x0: Tensor, sigmas: list[float],
-                     generator: torch.Generator, iters: int = 10, sampler: str = "heun") -> dict:
+                     generator: torch.Generator, iters: int = 10, sampler: str = "heun", nearest=None) -> dict:
     """Per sigma (x = x0 + sigma n): mean ||J_model||, mean ||J_emp||, their ratio, and the mean expansion of one
     `sampler` step from sigma to the next smaller sigma of the list (to 0 after the smallest)."""
     out = {"sigmas": [], "model": [], "empirical": [], "ratio": [], "step_expansion": [], "sampler": sampler}
@@ -124,7 +125,7 @@ def jacobian_profile(model: Denoiser, empirical: EmpiricalDenoiser, x0: Tensor, 
         out["model"].append(m)
         out["empirical"].append(e)
         out["ratio"].append(m / e if e > 0 else None)
-        expansion = step_expansion(model, x, sigma, s_next, generator=generator, sampler=sampler)
+        expansion = step_expansion(model, x, sigma, s_next, generator=generator, sampler=sampler, nearest=nearest)
         out["step_expansion"].append(float(expansion.double().mean()))
     return out
 
@@ -139,7 +140,8 @@ class Jacobian(Metric):
         cfg = ctx.config
         pick = torch.randperm(ctx.train.shape[0], generator=ctx.generator)[: cfg.jacobian_points]
         return jacobian_profile(ctx.model, ctx.empirical, ctx.train[pick.to(ctx.train.device)], ctx.sigmas,
-                                ctx.generator, iters=cfg.jacobian_iters, sampler=cfg.samplers[0])
+                                ctx.generator, iters=cfg.jacobian_iters, sampler=cfg.samplers[0],
+                                nearest=ctx.empirical.nearest_distance)
 
     def summarize(self, jac: Optional[Mapping]) -> dict:
         ratios = finite((jac or {}).get("ratio") or [])

@@ -133,10 +133,18 @@ def is_empirical_spec(spec: str) -> bool:
 
 
 def load_empirical(spec: str, train: Optional[torch.Tensor], device: str | torch.device) -> Denoiser:
-    """memaudit.empirical.EmpiricalDenoiser.from_spec(spec, train): the closed-form denoiser of `train`."""
-    from memaudit.empirical import EmpiricalDenoiser
+    """The closed-form denoiser of `train` a spec names: EmpiricalDenoiser, kernel-smoothed with kernel=h."""
+    from memaudit.empirical import EmpiricalDenoiser, parse_empirical_spec
+    from memaudit.smoothing.kernel import DEFAULT_SAMPLES, KernelSmoothedDenoiser
 
-    return EmpiricalDenoiser.from_spec(spec, train).to(device)
+    if train is None:
+        raise UserError("the empirical model needs training data")
+    options = parse_empirical_spec(spec)
+    h, samples = options.pop("kernel", None), options.pop("samples", None)
+    if samples is not None and h is None:
+        raise UserError(f"{spec!r}: samples=S applies to the kernel-smoothed model: add kernel=h")
+    model = EmpiricalDenoiser(train, **options).to(device)
+    return KernelSmoothedDenoiser(model, h, samples or DEFAULT_SAMPLES).to(device) if h else model
 
 
 def detect_format(path: Path) -> str:
