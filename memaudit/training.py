@@ -26,8 +26,8 @@ from memaudit.models.adapters import NetworkDenoiser
 from memaudit.models.native import check_output_folder, is_native, load_native, save_native
 
 STATE_NAME = "training_state.pt"
-# target(x0, x_noisy, sigma) -> the regression target for D(x_noisy, sigma)
-TargetFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# target(idx, x0, x_noisy, sigma) -> the regression target for D(x_noisy, sigma); idx indexes the training set
+TargetFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -44,6 +44,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 500
+    sigma_sampling: str = "lognormal"  # EDM's log-normal, or log-uniform over the model's range (NCSN)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -56,6 +57,8 @@ class TrainConfig:
             raise SettingError("ema_decay", self.ema_decay, "in [0, 1)")
         if self.checkpoint_every < 0:
             raise SettingError("checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
+        if self.sigma_sampling not in SIGMA_SAMPLING:
+            raise SettingError("sigma_sampling", self.sigma_sampling, f"one of {', '.join(SIGMA_SAMPLING)}")
 
 
 def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
@@ -63,8 +66,15 @@ def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
+SIGMA_SAMPLING = ("lognormal", "loguniform")
+
+
 def sample_sigmas(n: int, config: TrainConfig, generator: torch.Generator, lo: float, hi: float) -> Tensor:
-    """Log-normal training noise levels, clamped to the model's valid range [lo, hi]."""
+    """Training noise levels: log-normal (Karras et al. 2022: ln sigma ~ N(P_mean, P_std^2)), clamped to the
+    model's range [lo, hi], or log-uniform on [lo, hi] (Song & Ermon 2019's geometric noise levels)."""
+    if config.sigma_sampling == "loguniform":
+        u = torch.rand(n, generator=generator)
+        return (math.log(lo) + u * (math.log(hi) - math.log(lo))).exp()
     log_sigma = config.p_mean + config.p_std * torch.randn(n, generator=generator)
     return log_sigma.exp().clamp(lo, hi)
 
@@ -101,7 +111,7 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=self.generator).to(device)
         sigma = sigma.to(device=device, dtype=x0.dtype)
         x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
-        target = x0 if self.target_fn is None else self.target_fn(x0, x, sigma)
+        target = x0 if self.target_fn is None else self.target_fn(idx, x0, x, sigma)
         loss = edm_loss(self.model, x, sigma, target.detach())
         if not torch.isfinite(loss):
             raise UserError(f"training diverged at step {self.step} (loss {loss.item()}); lower the learning rate")

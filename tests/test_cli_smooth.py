@@ -31,51 +31,50 @@ def run(argv, capsys):
 def table_cells(out):
     """The comparison table's body rows as lists of cells (ASCII table: '| model | sampler | numbers... |')."""
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
-    return [c for c in cells if len(c) > 1 and c[1] in ("heun", "sde")]
+    return [c for c in cells if len(c) > 1 and c[1] in ("heun", "sde", "pc", "adaptive")]
 
 
 def table_rows(out):
     return [(c[0], c[1]) for c in table_cells(out)]
 
 
-def test_smooth_writes_checkpoint_and_prints_three_rows(tmp_path, model, capsys):
+def test_smooth_writes_checkpoint_and_prints_the_rows(tmp_path, model, capsys):
     out_dir = tmp_path / "smoothed"
     code, out, err = run(["smooth", model, DIGITS32, "--out", str(out_dir), "--temperature", "2", "--k", "8",
                           "--samples", "8", *FAST], capsys)
     assert code == 0, err
-    assert table_rows(out) == [("original", "heun"), ("fine-tuned (smooth)", "heun"),
-                               ("closed form empirical:T=2,k=8", "heun")]
+    assert table_rows(out) == [("original", "heun"), ("original", "sde"), ("fine-tuned (smooth)", "heun"),
+                               ("fine-tuned (smooth)", "sde")]
     numbers = [[float(v) for v in cells[2:]] for cells in table_cells(out)]
     assert all(len(row) == 3 and 0 <= row[0] <= 1 and 0 <= row[1] <= 1 and row[2] >= 0 for row in numbers)
-    assert numbers[2][:2] == [1.0, 0.0]  # the closed-form sampler collapses onto training images
     tuned = load_native(out_dir)
     assert tuned.history[0] == {"action": "train"}
-    assert tuned.history[1]["action"] == "smooth" and tuned.history[1]["temperature"] == 2.0
+    assert tuned.history[1]["action"] == "smooth" and tuned.history[1]["temperature"] == "2"
     assert tuned.history[1]["model"] == model and tuned.history[1]["data"] == DIGITS32
     original = load_native(model)
     assert any(not torch.equal(p, q) for p, q in zip(original.net.parameters(), tuned.net.parameters()))
 
 
-def test_bandwidth_reaches_the_target_and_the_closed_form_row(tmp_path, model, capsys):
-    code, out, err = run(["smooth", model, DIGITS32, "--out", str(tmp_path / "h"), "--temperature", "2", "--k", "8",
-                          "--bandwidth", "3", "--samples", "8", *FAST], capsys)
-    assert code == 0, err
-    assert table_rows(out) == [("original", "heun"), ("fine-tuned (smooth)", "heun"),
-                               ("closed form empirical:T=2,k=8,h=3", "heun")]
-    closed_form = [float(v) for v in table_cells(out)[2][2:]]
-    assert closed_form[0] < 1.0 and closed_form[1] > 0.0  # h = 3 keeps the closed-form sampler off the training images
-    assert load_native(tmp_path / "h").history[-1]["bandwidth"] == 3.0
-
-
-def test_uncondition_scans_the_finetuned_model_with_the_sde_sampler(tmp_path, model, capsys):
-    code, out, err = run(["smooth", model, DIGITS32, "--out", str(tmp_path / "u"), "--uncondition",
+def test_kernel_target_adds_the_closed_form_kernel_row(tmp_path, model, capsys):
+    code, out, err = run(["smooth", model, DIGITS32, "--out", str(tmp_path / "h"), "--kernel", "0.3",
                           "--samples", "8", *FAST], capsys)
     assert code == 0, err
-    assert table_rows(out) == [("original", "heun"), ("original", "sde"), ("fine-tuned (uncondition)", "sde"),
-                               ("closed form empirical:T=1,k=64", "heun")]
+    assert table_rows(out) == [("original", "heun"), ("original", "sde"), ("fine-tuned (kernel)", "heun"),
+                               ("fine-tuned (kernel)", "sde"), ("closed form empirical:kernel=0.3", "heun")]
+    assert load_native(tmp_path / "h").history[-1]["kernel"] == 0.3
+
+
+def test_uncondition_scans_the_finetuned_model_with_the_stochastic_and_adaptive_samplers(tmp_path, model, capsys):
+    code, out, err = run(["smooth", model, DIGITS32, "--out", str(tmp_path / "u"), "--uncondition",
+                          "--samples", "8", "--holdout", DIGITS32.replace("digits32", "digits"), *FAST], capsys)
+    assert code == 0, err
+    assert table_rows(out) == [("original", "heun"), ("original", "sde"), ("fine-tuned (uncondition)", "heun"),
+                               ("fine-tuned (uncondition)", "sde"), ("fine-tuned (uncondition)", "pc"),
+                               ("fine-tuned (uncondition)", "adaptive")]
+    assert "proxy held-out" in out
     tuned = load_native(tmp_path / "u")
     assert tuned.fixed_noise_input is not None
-    assert tuned.history[-1]["action"] == "uncondition" and "temperature" not in tuned.history[-1]
+    assert tuned.history[-1]["action"] == "uncondition" and tuned.history[-1]["target"] == "denoise"
 
 
 def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, model, capsys, monkeypatch):
@@ -101,10 +100,12 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, model, ca
 
 @pytest.mark.parametrize("extra,message", [
     (["--temperature", "0.5"], "--temperature must be >= 1"),
-    (["--temperature", "-1"], "--temperature must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be a positive number"),
+    (["--temperature", "7/x"], "--temperature must be a positive number"),
     (["--k", "0"], "--k must be >= 1"),
-    (["--bandwidth", "-1"], "--bandwidth must be >= 0"),
-    (["--uncondition", "--bandwidth", "1"], "give --temperature too"),
+    (["--kernel", "-1"], "--kernel must be a finite bandwidth"),
+    (["--kernel", "1", "--temperature", "2"], "--kernel must be not combined with a temperature"),
+    (["--sigma-collapse", "big"], "--sigma-collapse must be a number or auto"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--steps", "0"], "--steps must be >= 1, not 0"),
 ])

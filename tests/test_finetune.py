@@ -1,5 +1,6 @@
-"""Fine-tuning: the smoothing target is the kNN softmax at temperature T, unconditioning really fixes the network's
-noise input, checkpoints record the action, and an interrupted fine-tune resumes to the same weights."""
+"""Fine-tuning: the training loop regresses onto the seed papers' targets (Eq. 11's switch at sigma_c, the power
+law below it, the kernel average), unconditioning really fixes the network's noise input, checkpoints record
+the action, and an interrupted fine-tune resumes to the same weights."""
 
 import math
 
@@ -9,9 +10,12 @@ import torch
 
 from memaudit import finetune as finetune_module
 from memaudit.errors import UserError
-from memaudit.finetune import FinetuneConfig, finetune, smoothing_target, trainable
+from memaudit.finetune import finetune, trainable
 from memaudit.models.load import load_model
 from memaudit.models.native import load_native, make_unet_denoiser, save_native
+from memaudit.smoothing.kernel import KernelSmoothedDenoiser
+from memaudit.empirical import EmpiricalDenoiser
+from memaudit.smoothing.targets import SmoothingConfig, make_target
 from memaudit.training import STATE_NAME, TrainConfig
 
 
@@ -23,62 +27,76 @@ def tiny(tmp_path):
     return lambda: load_model(str(tmp_path / "orig"))
 
 
-def numpy_knn_softmax(x, train, sigma, temperature, k, h=0.0):
-    """sum over the k nearest x_i of softmax(-||x - x_i||^2 / (2 max(sigma^2 T, h^2))) x_i, in float64 numpy."""
-    x, pts = x.reshape(len(x), -1).double().numpy(), train.reshape(len(train), -1).double().numpy()
+def numpy_power_law_target(idx, x, train, sigma, schedule, k):
+    """Eq. 11 by brute force: mu above sigma_c, else sum_j w_j mu_j over the k nearest training images to mu
+    (mu first), w_j proportional to ||x - mu_j||^(-(d-2)/T), in float64 numpy."""
+    pts = train.reshape(len(train), -1).double().numpy()
+    xs = x.reshape(len(x), -1).double().numpy()
     out = []
-    for row, s in zip(x, sigma.double().numpy()):
-        d2 = ((row[None] - pts) ** 2).sum(1)
-        idx = np.argsort(d2)[:k]
-        logits = -d2[idx] / (2 * max(s**2 * temperature, h**2))
-        w = np.exp(logits - logits.max())
-        out.append((w / w.sum()) @ pts[idx])
+    for i, row, s in zip(idx.tolist(), xs, sigma.double().numpy()):
+        if s > schedule["sigma_c"]:
+            out.append(pts[i])
+            continue
+        order = np.argsort(((pts - pts[i]) ** 2).sum(1), kind="stable")[:k]
+        T = max(schedule["c"] / s, 1.0) if schedule["per_sigma"] else schedule["c"]
+        logw = -(pts.shape[1] - 2) / (2 * T) * np.log(((row - pts[order]) ** 2).sum(1))
+        w = np.exp(logw - logw.max())
+        out.append((w / w.sum()) @ pts[order])
     return np.stack(out)
 
 
-@pytest.mark.parametrize("temperature,k", [(2.0, 5), (1.0, 32), (4.0, 1)])
-def test_smoothing_target_is_the_knn_softmax_at_temperature_t(digits32, temperature, k):
+@pytest.mark.parametrize("temperature,schedule", [("2", {"c": 2.0, "per_sigma": False, "sigma_c": math.inf}),
+                                                  ("3/sigma", {"c": 3.0, "per_sigma": True, "sigma_c": 3.0})])
+def test_the_temperature_target_is_eq_11(digits32, temperature, schedule):
     gen = torch.Generator().manual_seed(1)
-    x0 = digits32[torch.randint(0, 32, (8,), generator=gen)]
-    sigma = torch.tensor([0.05, 0.3, 0.7, 1.0, 2.0, 3.0, 8.0, 40.0])
+    idx = torch.randint(0, 32, (8,), generator=gen)
+    x0 = digits32[idx]
+    sigma = torch.tensor([0.05, 0.3, 0.7, 1.0, 2.0, 2.9, 3.1, 40.0])
     x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)
-    got = smoothing_target(digits32, temperature, k)(x0, x, sigma)
-    want = numpy_knn_softmax(x, digits32, sigma, temperature, k)
+    target = make_target(digits32, SmoothingConfig(temperature=temperature, k=5))
+    got = target(idx, x0, x, sigma)
+    want = numpy_power_law_target(idx, x, digits32, sigma, schedule, 5)
     np.testing.assert_allclose(got.reshape(8, -1).numpy(), want, atol=2e-5)
+    if schedule["per_sigma"]:
+        torch.testing.assert_close(got[-2:], x0[-2:])  # above sigma_c: the clean image itself
 
 
-@pytest.mark.parametrize("k,h", [(5, 1.5), (64, 0.5)])
-def test_smoothing_target_with_a_bandwidth_floor(digits32, k, h):
-    gen = torch.Generator().manual_seed(1)
-    x0 = digits32[torch.randint(0, 32, (8,), generator=gen)]
-    sigma = torch.tensor([0.002, 0.05, 0.3, 0.7, 1.0, 2.0, 8.0, 40.0])
+def test_the_kernel_target_is_the_kernel_smoothed_empirical_denoiser(digits32):
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 32, (4,), generator=gen)
+    x0 = digits32[idx]
+    sigma = torch.tensor([0.05, 0.3, 1.0, 3.0])
     x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)
-    got = smoothing_target(digits32, 2.0, k, bandwidth=h)(x0, x, sigma)
-    np.testing.assert_allclose(got.reshape(8, -1).numpy(), numpy_knn_softmax(x, digits32, sigma, 2.0, k, h), atol=2e-5)
-    if h > 1:  # at small sigma the floored target stays a blend of neighbours instead of collapsing onto x0
-        assert (got[:2] - x0[:2]).abs().amax() > 0.1
+    got = make_target(digits32, SmoothingConfig(kernel=0.3, kernel_samples=8))(idx, x0, x, sigma)
+    want = KernelSmoothedDenoiser(EmpiricalDenoiser(digits32), 0.3, 8)(x, sigma)
+    torch.testing.assert_close(got, want)
 
 
-def test_bandwidth_is_recorded_in_the_history(tmp_path, tiny, digits32):
-    config = TrainConfig(steps=2, batch_size=4, checkpoint_every=0)
-    finetune(tiny(), digits32, FinetuneConfig(2.0, 4, bandwidth=1.5), config, tmp_path / "h")
-    entry = load_native(tmp_path / "h").history[-1]
-    assert entry["action"] == "smooth" and entry["bandwidth"] == 1.5 and entry["k"] == 4
+def test_the_training_loop_regresses_onto_the_target(tmp_path, tiny, digits32, monkeypatch):
+    calls = []
 
+    def recording_fit(*args, target_fn, **kwargs):
+        def target(idx, x0, x, sigma):
+            calls.append((idx, x0, x, sigma, target_fn(idx, x0, x, sigma)))
+            return calls[-1][4]
+        return real_fit(*args, target_fn=target, **kwargs)
 
-def test_smoothing_target_is_not_x0_at_large_sigma_and_is_at_small(digits32):
-    x0 = digits32[:4]
-    target = smoothing_target(digits32, 2.0, 64)
-    small, large = torch.full((4,), 0.01), torch.full((4,), 5.0)
-    torch.testing.assert_close(target(x0, x0, small), x0, atol=1e-5, rtol=0)
-    assert (target(x0, x0, large) - x0).abs().amax() > 0.3
+    real_fit = finetune_module.fit
+    monkeypatch.setattr(finetune_module, "fit", recording_fit)
+    config = TrainConfig(steps=3, batch_size=6, seed=0, checkpoint_every=0, p_mean=-1.0, p_std=0.5)
+    finetune(tiny(), digits32, SmoothingConfig(temperature="1.5", k=4), config, tmp_path / "s")
+    assert len(calls) == 3
+    for idx, x0, x, sigma, target in calls:
+        torch.testing.assert_close(x0, digits32[idx])  # the target knows each pair's clean source
+        want = numpy_power_law_target(idx, x, digits32, sigma, {"c": 1.5, "per_sigma": False, "sigma_c": math.inf}, 4)
+        np.testing.assert_allclose(target.reshape(6, -1).numpy(), want, atol=2e-5)
 
 
 def test_unconditioned_network_receives_the_constant(tmp_path, tiny, digits32):
     model, seen = tiny(), []
     model.net.register_forward_hook(lambda net, inputs, output: seen.append(inputs[1].detach().clone()))
     config = TrainConfig(steps=3, batch_size=8, seed=0, checkpoint_every=0)
-    finetune(model, digits32, FinetuneConfig(temperature=None, uncondition=True), config, tmp_path / "u")
+    finetune(model, digits32, SmoothingConfig(uncondition=True), config, tmp_path / "u")
     constant = math.log(math.exp(config.p_mean)) / 4  # EDM c_noise = ln(sigma)/4 at the median training sigma
     assert len(seen) >= 3 and all(torch.allclose(v, torch.full_like(v, constant)) for v in seen)
     loaded, seen[:] = load_native(tmp_path / "u"), []
@@ -91,7 +109,7 @@ def test_unconditioned_network_receives_the_constant(tmp_path, tiny, digits32):
 def test_finetune_changes_weights_and_writes_a_checkpoint_with_history(tmp_path, tiny, digits32):
     before = tiny()
     config = TrainConfig(steps=20, batch_size=16, lr=1e-3, seed=0, checkpoint_every=0)
-    tuned = finetune(tiny(), digits32, FinetuneConfig(temperature=2.0, k=8), config, tmp_path / "s",
+    tuned = finetune(tiny(), digits32, SmoothingConfig(temperature="7/sigma", k=8), config, tmp_path / "s",
                      info={"model": "orig"})
     assert any(not torch.equal(p, q) for p, q in zip(before.net.parameters(), tuned.net.parameters()))
     loaded = load_native(tmp_path / "s")
@@ -100,41 +118,22 @@ def test_finetune_changes_weights_and_writes_a_checkpoint_with_history(tmp_path,
     assert loaded.fixed_noise_input is None
     assert loaded.history[0] == {"action": "train"}
     assert loaded.history[1] == {"action": "smooth", "model": "orig", "steps": 20, "batch_size": 16, "lr": 1e-3,
-                                 "seed": 0, "temperature": 2.0, "k": 8}
+                                 "seed": 0, "target": "temperature", "temperature": "7/sigma", "sigma_collapse": 7.0,
+                                 "k": 8, "denominator": "sigma", "knn_features": "pixels", "uncondition": False}
     assert not (tmp_path / "s" / STATE_NAME).exists()
-
-
-def test_training_loop_regresses_onto_the_knn_softmax(tmp_path, tiny, digits32, monkeypatch):
-    calls = []
-
-    def recording_fit(*args, target_fn, **kwargs):
-        def target(x0, x, sigma):
-            calls.append((x0, x, sigma, target_fn(x0, x, sigma)))
-            return calls[-1][3]
-        return real_fit(*args, target_fn=target, **kwargs)
-
-    real_fit = finetune_module.fit
-    monkeypatch.setattr(finetune_module, "fit", recording_fit)
-    config = TrainConfig(steps=3, batch_size=6, seed=0, checkpoint_every=0, p_mean=1.0, p_std=0.5)  # sigma ~ e
-    finetune(tiny(), digits32, FinetuneConfig(temperature=3.0, k=4), config, tmp_path / "s")
-    assert len(calls) == 3
-    for x0, x, sigma, target in calls:
-        want = numpy_knn_softmax(x, digits32, sigma, 3.0, 4)
-        np.testing.assert_allclose(target.reshape(6, -1).numpy(), want, atol=2e-5)
-        assert (target - x0).abs().amax() > 0.1  # a blend of neighbours, not the clean image
 
 
 def test_both_flags_smooth_the_unconditioned_network(tmp_path, tiny, digits32):
     config = TrainConfig(steps=2, batch_size=4, checkpoint_every=0)
-    finetune(tiny(), digits32, FinetuneConfig(2.0, 4, uncondition=True), config, tmp_path / "b")
+    finetune(tiny(), digits32, SmoothingConfig("2", 4, uncondition=True), config, tmp_path / "b")
     entry = load_native(tmp_path / "b").history[-1]
-    assert entry["action"] == "smooth+uncondition" and entry["temperature"] == 2.0
+    assert entry["action"] == "smooth+uncondition" and entry["temperature"] == "2"
     assert entry["noise_input"] == pytest.approx(-0.3)
 
 
 def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, tiny, digits32):
     config = TrainConfig(steps=16, batch_size=8, seed=2, checkpoint_every=5)
-    smooth = FinetuneConfig(temperature=2.0, k=4, uncondition=True)
+    smooth = SmoothingConfig(temperature="2", k=4, uncondition=True)
     straight = finetune(tiny(), digits32, smooth, config, tmp_path / "a")
 
     def interrupt(step, info):
@@ -148,14 +147,20 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, tiny, digits
     for p, q in zip(straight.net.parameters(), resumed.net.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert load_native(tmp_path / "b").history == load_native(tmp_path / "a").history
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny(), digits32, smooth, config, tmp_path / "c", progress=interrupt)
+    with pytest.raises(UserError, match="other settings"):
+        finetune(tiny(), digits32, SmoothingConfig(temperature="3", k=4, uncondition=True), config, tmp_path / "c",
+                 resume=True)
 
 
 @pytest.mark.parametrize("config,message", [
-    (FinetuneConfig(temperature=0.5), "temperature must be >= 1"),
-    (FinetuneConfig(temperature=2.0, k=0), "k must be >= 1"),
-    (FinetuneConfig(temperature=None), "nothing to fine-tune"),
-    (FinetuneConfig(temperature=2.0, bandwidth=-1.0), "bandwidth must be >= 0"),
-    (FinetuneConfig(temperature=None, uncondition=True, bandwidth=1.0), "give --temperature too"),
+    (SmoothingConfig(temperature="0.5"), "temperature must be >= 1"),
+    (SmoothingConfig(temperature="2", k=0), "k must be >= 1"),
+    (SmoothingConfig(temperature="two"), "temperature must be a positive number"),
+    (SmoothingConfig(temperature="2", kernel=0.5), "not combined with a temperature"),
+    (SmoothingConfig(kernel=-1.0), "kernel must be a finite bandwidth"),
+    (SmoothingConfig(temperature="2", denominator="both"), "denominator must be one of"),
 ])
 def test_bad_settings_are_user_errors(config, message):
     with pytest.raises(UserError, match=message):

@@ -42,7 +42,9 @@ FLAGS = {"num_samples": "--samples", "samplers": "--sampler", "steps": "--steps"
          "dup_tol": "--dup-tol", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "lr": "--lr",
          "ema_decay": "--ema", "checkpoint_every": "--checkpoint-every", "temperature": "--temperature",
          "k": "--k", "bandwidth": "--bandwidth", "features": "--features", "channels": "--channels",
-         "resize": "--resize", "limit": "--limit", "value_range": "--value-range"}
+         "resize": "--resize", "limit": "--limit", "value_range": "--value-range", "kernel": "--kernel",
+         "kernel_samples": "--kernel-samples", "denominator": "--denominator", "sigma_collapse": "--sigma-collapse",
+         "sigma_sampling": "--sigma-sampling"}
 FEATURES = typer.Option(None, "--features", help=f"Feature space for NN distances and duplicates: "
                                                  f"{describe_features()}.")
 

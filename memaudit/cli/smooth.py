@@ -1,10 +1,15 @@
-"""`memaudit smooth MODEL DATA --out new/`: fine-tune toward D*_T (and/or unconditioned), then compare scans."""
+"""`memaudit smooth MODEL DATA --out new/`: fine-tune toward a smoothed target (and/or unconditioned), then compare.
+
+The targets follow the seed papers (docs/smoothing.md): --temperature 2 or 7/sigma is Zhou et al.'s power-law
+temperature smoothing over the K nearest training images of each clean image (not a Gaussian temperature,
+which only relabels sigma); --kernel h is kernel score smoothing; --uncondition removes the network's noise input.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich import box
@@ -12,51 +17,74 @@ from rich.console import Console
 from rich.table import Table
 
 from memaudit.atomic import check_distinct_paths
-from memaudit.scan import ScanConfig, run_scan
 from memaudit.cli import options as opt
 from memaudit.data import load_images
-from memaudit.errors import UserError
-from memaudit.finetune import FinetuneConfig, finetune
+from memaudit.errors import SettingError, UserError
+from memaudit.finetune import finetune
+from memaudit.metrics.fid import fid_proxy
 from memaudit.models.native import is_native
-from memaudit.progress import ProgressTracker, progress_tracker
 from memaudit.numbers import fmt
+from memaudit.progress import ProgressTracker, progress_tracker
+from memaudit.scan import ScanConfig, run_scan
+from memaudit.smoothing.targets import SmoothingConfig
 from memaudit.training import TrainConfig
 
-DEFAULT_TEMPERATURE = 2.0
-QUICK_SCAN_SKIP = ("entropy", "cosine", "jacobian")
+DEFAULT_TEMPERATURE = "2"
+QUICK_SCAN_SKIP = ("adaptive_l2", "entropy", "cosine", "jacobian")
+UNCONDITIONED_SAMPLERS = ("sde", "pc", "adaptive")
+
+TEMPERATURE = typer.Option(None, "--temperature", "-T", help="Power-law temperature smoothing (Zhou et al. 2026, "
+                           "Eq. 10): a constant T (e.g. 2), or c/sigma for T = max(c/sigma, 1) below sigma_c = c "
+                           "(memaudit's sigmas are twice the paper's: its 7/sigma is 14/sigma here).")
+K = typer.Option(30, "--k", help="Nearest training images (of the clean image) mixed by the temperature target.")
+SIGMA_COLLAPSE = typer.Option(None, "--sigma-collapse", help="Smooth at and below this sigma (default: c of "
+                              "c/sigma, every sigma for a constant T); 'auto': the model's measured collapse_sigma.")
+KNN_FEATURES = typer.Option(None, "--knn-features", help="Feature space of the kNN graph: pixels (default), "
+                            "resnet18:PATH (the paper's), torchscript:PATH.")
+DENOMINATOR = typer.Option("sigma", "--denominator", help="Score denominator of the temperature target: sigma^2 "
+                           "(the released code: D = sum_j w_j mu_j) or each neighbour's shell ||x - mu_j||^2/(d-2) "
+                           "(the paper's text).")
+KERNEL = typer.Option(None, "--kernel", help="Kernel score smoothing instead: target E_e D*(x + e, sigma), "
+                      "e ~ N(0, h^2 I), bandwidth h.")
+UNCONDITION = typer.Option(False, "--uncondition", help="No noise input to the network (Eq. 9); scan it with "
+                           "--sampler sde, pc or adaptive.")
+SIGMA_SAMPLING = typer.Option("lognormal", "--sigma-sampling", help="Training noise levels: EDM's log-normal or "
+                              "log-uniform over the model's range (the paper's NCSN setting).")
 
 
 @dataclass
 class Row:
-    """One line of the comparison table: a model, the sampler it was scanned with, its scan summary."""
+    """One line of the comparison table: a model, the sampler it was scanned with, its numbers."""
 
     label: str
     sampler: str
     summary: dict
+    holdout_proxy: Optional[float] = None
 
 
 def smooth(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint to fine-tune (any format `scan` loads)."),
     data: Path = typer.Argument(..., metavar="DATA", help="Its training images: a folder, .npy or .npz."),
     out: Path = typer.Option(..., "--out", "-o", help="Output native checkpoint folder (written atomically)."),
-    temperature: Optional[float] = typer.Option(
-        None, "--temperature", "-T", help=f"Smoothing temperature T >= 1 of the target D*_T (default "
-        f"{DEFAULT_TEMPERATURE:g}; with --uncondition the target is x0 unless T is given)."),
-    k: int = typer.Option(64, "--k", help="Nearest training points in the smoothed target."),
-    bandwidth: Optional[float] = typer.Option(
-        None, "--bandwidth", help="Bandwidth floor h of the smoothed target: softmax variance "
-        "max(sigma^2 T, h^2) (default: none, plain D*_T); also used by the closed-form row."),
-    uncondition: bool = typer.Option(False, "--uncondition",
-                                     help="Fix the network's noise input to a constant (scan it with --sampler sde)."),
+    temperature: Optional[str] = TEMPERATURE,
+    k: int = K,
+    sigma_collapse: Optional[str] = SIGMA_COLLAPSE,
+    knn_features: Optional[str] = KNN_FEATURES,
+    denominator: Literal["sigma", "shell"] = DENOMINATOR,
+    kernel: Optional[float] = KERNEL,
+    uncondition: bool = UNCONDITION,
+    sigma_sampling: Literal["lognormal", "loguniform"] = SIGMA_SAMPLING,
     steps: int = typer.Option(2000, "--steps", help="Optimiser steps."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per step."),
     lr: float = typer.Option(2e-4, "--lr", help="Adam learning rate (lower than for training from scratch)."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from --out."),
     samples: int = typer.Option(256, "--samples", help="Samples per row of the before/after comparison."),
+    holdout: Optional[Path] = typer.Option(None, "--holdout", help="Held-out images of the same kind: the table adds "
+                                           "the FID proxy against them (quality that is not closeness to DATA)."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Scan before/after and print the table."),
-    param: Optional[str] = opt.PARAM,
-    schedule: Optional[str] = opt.SCHEDULE,
+    param: Optional[opt.ParamName] = opt.PARAM,
+    schedule: Optional[opt.ScheduleName] = opt.SCHEDULE,
     factory: Optional[str] = opt.FACTORY,
     trust_pickle: bool = opt.TRUST_PICKLE,
     sigma_min: Optional[float] = opt.SIGMA_MIN,
@@ -68,77 +96,102 @@ def smooth(
     device: str = opt.DEVICE,
     quiet: bool = opt.QUIET,
 ) -> None:
-    """Fine-tune MODEL toward the temperature-smoothed kNN empirical denoiser of DATA (or unconditioned)."""
-    if temperature is None and not uncondition:
+    """Fine-tune MODEL so it memorizes DATA less: power-law temperature smoothing (--temperature 2 or 7/sigma),
+    kernel smoothing (--kernel h) and/or no noise input (--uncondition); then compare before and after."""
+    if temperature is None and kernel is None and not uncondition:
         temperature = DEFAULT_TEMPERATURE
-    config = FinetuneConfig(temperature=temperature, k=k, uncondition=uncondition, bandwidth=bandwidth)
+    config = SmoothingConfig(temperature=temperature, k=k, features=knn_features, denominator=denominator,
+                             kernel=kernel, uncondition=uncondition,
+                             sigma_collapse=None if sigma_collapse in (None, "auto") else _number(sigma_collapse))
     config.validate()
-    train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+    train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                               sigma_sampling=sigma_sampling)
     train_config.validate()
     if samples < 1:
-        raise UserError(f"--samples must be >= 1, not {samples}")
-    check_distinct_paths(inputs={"MODEL": model, "DATA": data}, outputs={"--out": out})
+        raise SettingError("num_samples", samples, ">= 1")
+    check_distinct_paths(inputs={"MODEL": model, "DATA": data, "--holdout": holdout}, outputs={"--out": out})
     dev = opt.resolve_device(device)
     images = load_images(data, resize=resize, channels=channels).to(dev)
+    held_out = load_images(holdout, resize=resize, channels=channels) if holdout is not None else None
     if compare and images.shape[0] < 2:
         raise UserError(f"{data} holds 1 image; the comparison scan needs at least 2 (or pass --no-compare)")
     loader = dict(param=param, schedule=schedule, factory=factory, trust_pickle=trust_pickle, sigma_min=sigma_min,
                   sigma_max=sigma_max, round_timesteps=round_timesteps)
     original = opt.load_checked_model(model, images, dev, **loader)
     err = Console(stderr=True)
-    if temperature == 1 and not quiet:
-        err.print("note: T = 1 is the exact empirical denoiser; its target memorizes", markup=False, highlight=False)
-    if not resume and is_native(out) and not quiet:
-        err.print(f"replacing the checkpoint in {out}", markup=False, highlight=False)
+    say = lambda line: err.print(opt.printable(line), markup=False, highlight=False) if not quiet else None  # noqa
+    if sigma_collapse == "auto":
+        config.sigma_collapse = measured_collapse_sigma(original, images, seed, dev, data)
+        say(f"sigma_collapse = {config.sigma_collapse:.4g}: the model's measured collapse_sigma")
+    if not resume and is_native(out):
+        say(f"replacing the checkpoint in {out}")
     info = {"model": model, "data": str(data), "num_images": int(images.shape[0])}
     with progress_tracker(quiet=quiet) as tracker:
         finetune(original, images, config, train_config, out, info, resume=resume,
                  progress=tracker.task(config.action, steps))
-        if not quiet:
-            err.print(f"saved {out} ({config.action}, {steps} steps)", markup=False, highlight=False)
+        say(f"saved {out} ({config.action}, {steps} steps)")
         if compare:
-            rows = compare_rows(model, out, images, config, loader, samples, seed, dev, tracker,
+            rows = compare_rows(model, out, images, held_out, config, loader, samples, seed, dev, tracker,
                                 {"path": str(data), "num_images": int(images.shape[0])})
     if compare:
-        print_comparison(rows, Console())
+        print_comparison(rows, Console(width=max(Console().width, 110)), held_out is not None)
 
 
-def compare_rows(model: str, out: Path, images, config: FinetuneConfig, loader: dict, samples: int, seed: int,
-                 device, tracker: ProgressTracker, data_info: dict) -> list[Row]:
-    """Scan the original, the fine-tuned checkpoint and the closed-form smoothed sampler (same seed)."""
-    closed_form = f"empirical:T={config.temperature or 1.0:g},k={config.k}"
-    if config.bandwidth:
-        closed_form += f",h={config.bandwidth:g}"
-    tuned_sampler = "sde" if config.uncondition else "heun"
-    candidates = [("original", model, sampler) for sampler in dict.fromkeys(("heun", tuned_sampler))]
-    candidates += [(f"fine-tuned ({config.action})", str(out), tuned_sampler),
-                   (f"closed form {closed_form}", closed_form, "heun")]
-    scan = ScanConfig(num_samples=samples, seed=seed, device=str(device), skip=QUICK_SCAN_SKIP)
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SettingError("sigma_collapse", repr(text), "a number or auto") from None
+
+
+def measured_collapse_sigma(model, images, seed: int, device, data: Path) -> float:
+    """collapse_sigma of a quick scan (128 heun samples, entropy only): where one training image takes over."""
+    scan = ScanConfig(num_samples=128, samplers=("heun",), seed=seed, device=str(device), fid="off",
+                      skip=("adaptive_l2", "cosine", "jacobian", "fid"))
+    report = run_scan(model, images, scan, model_info={"spec": "original"}, data_info={"path": str(data)}).report
+    value = report["summary"]["collapse_sigma"]
+    if not value:
+        raise UserError("the model's collapse_sigma is 0 (no single training image takes over its sampling path); "
+                        "give --sigma-collapse a number")
+    return float(value)
+
+
+def compare_rows(model: str, out: Path, images, held_out, config: SmoothingConfig, loader: dict, samples: int,
+                 seed: int, device, tracker: ProgressTracker, data_info: dict) -> list[Row]:
+    """Scan the original and the fine-tuned checkpoint (same seed) with an ODE and the stochastic samplers, and
+    the closed-form kernel-smoothed sampler when the target is the kernel's."""
+    tuned = ("heun",) + (UNCONDITIONED_SAMPLERS if config.uncondition else ("sde",))
+    candidates = [("original", model, s) for s in ("heun", "sde")]
+    candidates += [(f"fine-tuned ({config.action})", str(out), s) for s in tuned]
+    if config.target == "kernel":
+        candidates.append((f"closed form empirical:kernel={config.kernel:g}", f"empirical:kernel={config.kernel:g}",
+                           "heun"))
+    scan = ScanConfig(num_samples=samples, seed=seed, device=str(device), skip=QUICK_SCAN_SKIP, fid="proxy")
     rows = []
     for label, spec, sampler in candidates:
         task = lambda description, total, label=label: tracker.task(f"{label}: {description}", total)  # noqa: E731
         denoiser = opt.load_checked_model(spec, images, device, **loader)
         result = run_scan(denoiser, images, replace(scan, samplers=(sampler,)),
                           model_info=opt.model_info(spec, denoiser), data_info=data_info, task=task)
-        rows.append(Row(label, sampler, result.report["summary"]))
+        proxy = fid_proxy(result.samples[sampler], held_out) if held_out is not None else None
+        rows.append(Row(label, sampler, result.report["summary"], proxy))
     return rows
 
 
-def print_comparison(rows: list[Row], console: Console) -> None:
-    """The before/after table: fraction memorized, mean NN ratio, FID proxy (and clean-fid when computed)."""
+def print_comparison(rows: list[Row], console: Console, with_holdout: bool) -> None:
+    """The before/after table: fraction memorized, mean NN ratio, FID proxy against DATA (and held-out images)."""
     styled = console.is_terminal
     table = Table(title="Memorization before / after fine-tuning", box=box.ROUNDED if styled else box.ASCII,
                   title_justify="left", header_style="bold" if styled else "", title_style="bold" if styled else "")
-    columns = [("fraction memorized", "memorized_fraction"), ("mean NN ratio", "mean_nn_ratio"),
-               ("FID proxy", "fid_proxy")]
-    if any(row.summary.get("fid") is not None for row in rows):
-        columns.append(("FID (clean-fid)", "fid"))
-    table.add_column("model", no_wrap=True)
-    table.add_column("sampler", no_wrap=True)
-    for title, _ in columns:
-        table.add_column(title, justify="right")
+    for header in ("model", "sampler", "memorized", "NN ratio", "proxy DATA") + \
+            (("proxy held-out",) if with_holdout else ()):
+        table.add_column(header, no_wrap=header in ("model", "sampler"),
+                         justify="left" if header in ("model", "sampler") else "right")
     for row in rows:
-        table.add_row(row.label, row.sampler, *(fmt(row.summary.get(key)) for _, key in columns))
+        cells = [fmt(row.summary.get(key)) for key in ("memorized_fraction", "mean_nn_ratio", "fid_proxy")]
+        table.add_row(row.label, row.sampler, *cells, *((fmt(row.holdout_proxy),) if with_holdout else ()))
     console.print(table)
-    console.print("memorized = nearest/second-nearest training distance ratio < 1/3; FID proxy = pixel-PCA "
-                  "Frechet distance to the training set (lower = closer to it)", markup=False, highlight=False)
+    console.print("memorized = fraction with nearest/second-nearest training distance ratio < 1/3 (NN ratio: its "
+                  "mean); proxy = pixel-PCA Frechet distance (lower = closer) to DATA, which rewards copies, and to "
+                  "the held-out images, which does not",
+                  markup=False, highlight=False)

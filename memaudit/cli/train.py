@@ -1,18 +1,22 @@
-"""`memaudit train DATA --out model/`: train the built-in UNet with the EDM loss."""
+"""`memaudit train DATA --out model/`: train the built-in UNet with the EDM loss, toward the same smoothed targets
+as `memaudit smooth` when asked (the seed paper trains them from scratch)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.console import Console
 
 from memaudit.atomic import check_distinct_paths
+from memaudit.cli import smooth as smoothing_options
 from memaudit.cli.options import CHANNELS, DEVICE, QUIET, RESIZE, SEED, resolve_device
 from memaudit.data import load_images
 from memaudit.errors import UserError
+from memaudit.finetune import history_entry, prepare
 from memaudit.models.native import check_output_folder, is_native, make_unet_denoiser
+from memaudit.smoothing.targets import SmoothingConfig, make_target
 from memaudit.progress import progress_tracker
 from memaudit.training import TrainConfig, fit
 
@@ -30,17 +34,30 @@ def train(
     checkpoint_every: int = typer.Option(500, "--checkpoint-every",
                                          help="Save a resumable checkpoint every N steps (0: only at the end)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from --out."),
+    temperature: Optional[str] = smoothing_options.TEMPERATURE,
+    k: int = smoothing_options.K,
+    sigma_collapse: Optional[float] = typer.Option(None, "--sigma-collapse", help="Smooth at and below this sigma "
+                                                   "(default: c of c/sigma, every sigma for a constant T)."),
+    knn_features: Optional[str] = smoothing_options.KNN_FEATURES,
+    denominator: Literal["sigma", "shell"] = smoothing_options.DENOMINATOR,
+    kernel: Optional[float] = smoothing_options.KERNEL,
+    uncondition: bool = smoothing_options.UNCONDITION,
+    sigma_sampling: Literal["lognormal", "loguniform"] = smoothing_options.SIGMA_SAMPLING,
     resize: Optional[int] = RESIZE,
     channels: Optional[int] = CHANNELS,
     seed: int = SEED,
     device: str = DEVICE,
     quiet: bool = QUIET,
 ) -> None:
-    """Train the built-in UNet denoiser on DATA (EDM loss) and save a native checkpoint."""
+    """Train the built-in UNet denoiser on DATA (EDM loss; a smoothed target with --temperature or --kernel, no
+    noise input with --uncondition) and save a native checkpoint."""
     dev = resolve_device(device)
+    smoothing = SmoothingConfig(temperature=temperature, k=k, sigma_collapse=sigma_collapse, features=knn_features,
+                                denominator=denominator, kernel=kernel, uncondition=uncondition)
+    smoothing.validate()
     images = load_images(data, resize=resize, channels=channels, limit=limit).to(dev)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema, seed=seed,
-                         checkpoint_every=checkpoint_every)
+                         checkpoint_every=checkpoint_every, sigma_sampling=sigma_sampling)
     config.validate()
     for option, value in (("--width", channels_base), ("--levels", levels)):
         if value < 1:
@@ -51,12 +68,14 @@ def train(
     check_output_folder(out)
     if not resume and is_native(out) and not quiet:
         Console(stderr=True).print(f"replacing the checkpoint in {out}")
-    history = [{"action": "train", "data": str(data), "num_images": int(images.shape[0]),
-                "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}]
+    extra = prepare(model, smoothing, config, {"data": str(data), "num_images": int(images.shape[0])})
+    entry = {**history_entry(smoothing, config, **extra), "action": "train" if smoothing.action == "denoise"
+             else f"train+{smoothing.action}"}
     try:
         with progress_tracker(quiet=quiet) as tracker:
-            fit(model, images, config, out, history, resume=resume, progress=tracker.task("train", steps),
-                settings={"architecture": model.net.architecture})
+            fit(model, images, config, out, [entry], target_fn=make_target(images, smoothing), resume=resume,
+                progress=tracker.task("train", steps),
+                settings={"architecture": model.net.architecture, "smoothing": smoothing.record()})
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted; progress is saved in {out}: run the same command with --resume "
                                 "to continue") from None
