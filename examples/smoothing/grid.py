@@ -87,7 +87,8 @@ def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int) -> l
     elif not (base / "model.safetensors").exists():
         sh("train", str(data), "--out", str(base), "--steps", str(scratch_steps), "--seed", "1", "--quiet")
     rows = []
-    settings = [(None, None, False), (None, None, True)] + [(t, k, u) for t in SCHEDULES for k in KS
+    ks = [k for k in KS if k < size]  # K = 100 on 32 images is K = 32, all of them: the row would repeat K = 30
+    settings = [(None, None, False), (None, None, True)] + [(t, k, u) for t in SCHEDULES for k in ks
                                                             for u in (False, True)]
     for mode in ("finetune", "scratch"):
         for schedule, k, uncond in settings:
@@ -109,9 +110,9 @@ def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int) -> l
                    "--quiet")
                 spec = str(folder)
             samplers = ("heun", "sde", "pc") if uncond else ("heun", "sde")
-            row = {"set": size, "mode": mode, "schedule": schedule or "none", "k": min(k, size) if k else None,
+            row = {"set": size, "mode": mode, "schedule": schedule or "none", "k": k,
                    "uncondition": uncond, "scan": measure(spec, train, held_out, samplers),
-                   "entropy": target_entropy(train, schedule, min(k, size)) if schedule else None}
+                   "entropy": target_entropy(train, schedule, k) if schedule else None}
             result.parent.mkdir(parents=True, exist_ok=True)
             result.write_text(json.dumps(row, indent=1))
             rows.append(row)
