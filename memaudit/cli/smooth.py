@@ -33,24 +33,19 @@ DEFAULT_TEMPERATURE = "2"
 QUICK_SCAN_SKIP = ("adaptive_l2", "entropy", "cosine", "jacobian")
 UNCONDITIONED_SAMPLERS = ("sde", "pc", "adaptive")
 
-TEMPERATURE = typer.Option(None, "--temperature", "-T", help="Power-law temperature smoothing (Zhou et al. 2026, "
-                           "Eq. 10): a constant T (e.g. 2), or c/sigma for T = max(c/sigma, 1) below sigma_c = c "
-                           "(memaudit's sigmas are twice the paper's: its 7/sigma is 14/sigma here).")
-K = typer.Option(30, "--k", help="Nearest training images (of the clean image) mixed by the temperature target.")
-SIGMA_COLLAPSE = typer.Option(None, "--sigma-collapse", help="Smooth at and below this sigma (default: c of "
-                              "c/sigma, every sigma for a constant T); 'auto': the model's measured collapse_sigma.")
-KNN_FEATURES = typer.Option(None, "--knn-features", help="Feature space of the kNN graph: pixels (default), "
-                            "resnet18:PATH (the paper's), torchscript:PATH.")
-DENOMINATOR = typer.Option("sigma", "--denominator", help="Score denominator of the temperature target: sigma^2 "
-                           "(the released code: D = sum_j w_j mu_j) or each neighbour's shell ||x - mu_j||^2/(d-2) "
+TEMPERATURE = typer.Option(None, "--temperature", "-T", help="T or c/sigma: power-law temperature "
+                           "smoothing (Zhou et al. 2026, Eq. 10-11).")
+K = typer.Option(30, "--k", help="Neighbours of the clean image mixed by --temperature.")
+SIGMA_COLLAPSE = typer.Option(None, "--sigma-collapse", help="sigma_c (default: c of c/sigma; all sigmas for a "
+                              "constant T); auto = the scan's collapse_sigma.")
+KNN_FEATURES = typer.Option(None, "--knn-features", help="Space of the kNN graph: pixels, resnet18:PATH (the "
+                            "paper's), torchscript:PATH.")
+DENOMINATOR = typer.Option("sigma", "--denominator", help="sigma: sigma^2 (released code); shell: ||x - mu_j||^2/(d-2) "
                            "(the paper's text).")
-KERNEL = typer.Option(None, "--kernel", help="Kernel score smoothing instead: target E_e D*(x + e, sigma), "
-                      "e ~ N(0, h^2 I), bandwidth h.")
-UNCONDITION = typer.Option(False, "--uncondition", help="No noise input to the network (Eq. 9); scan it with "
-                           "--sampler sde, pc or adaptive.")
-SIGMA_SAMPLING = typer.Option("lognormal", "--sigma-sampling", help="Training noise levels: EDM's log-normal or "
-                              "log-uniform over the model's range (the paper's NCSN setting).")
-
+KERNEL = typer.Option(None, "--kernel", help="Bandwidth h of kernel score smoothing (instead of --temperature).")
+UNCONDITION = typer.Option(False, "--uncondition", help="No noise input to the network (Eq. 9).")
+SIGMA_SAMPLING = typer.Option("lognormal", "--sigma-sampling", help="Training sigmas: EDM log-normal, or log-uniform "
+                              "(the paper's NCSN setting).")
 
 @dataclass
 class Row:
@@ -65,7 +60,7 @@ class Row:
 def smooth(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint to fine-tune (any format `scan` loads)."),
     data: Path = typer.Argument(..., metavar="DATA", help="Its training images: a folder, .npy or .npz."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output native checkpoint folder (written atomically)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output native checkpoint folder (atomic)."),
     temperature: Optional[str] = TEMPERATURE,
     k: int = K,
     sigma_collapse: Optional[str] = SIGMA_COLLAPSE,
@@ -80,8 +75,8 @@ def smooth(
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from --out."),
     samples: int = typer.Option(256, "--samples", help="Samples per row of the before/after comparison."),
-    holdout: Optional[Path] = typer.Option(None, "--holdout", help="Held-out images of the same kind: the table adds "
-                                           "the FID proxy against them (quality that is not closeness to DATA)."),
+    holdout: Optional[Path] = typer.Option(None, "--holdout", help="Held-out images: the table adds the FID proxy "
+                                           "against them."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Scan before/after and print the table."),
     param: Optional[opt.ParamName] = opt.PARAM,
     schedule: Optional[opt.ScheduleName] = opt.SCHEDULE,
@@ -96,8 +91,16 @@ def smooth(
     device: str = opt.DEVICE,
     quiet: bool = opt.QUIET,
 ) -> None:
-    """Fine-tune MODEL so it memorizes DATA less: power-law temperature smoothing (--temperature 2 or 7/sigma),
-    kernel smoothing (--kernel h) and/or no noise input (--uncondition); then compare before and after."""
+    """Fine-tune MODEL so it memorizes DATA less, then compare before and after (docs/smoothing.md).
+
+    \b
+    Targets below sigma_c (plain denoising above it):
+      --temperature 2          power-law weights over the K nearest training images of the clean image
+      --temperature 14/sigma   T = max(14/sigma, 1), sigma_c = 14 (the paper's 7/sigma; our sigmas are 2x)
+      --kernel 0.2             kernel score smoothing: E_e D*(x + e, sigma), e ~ N(0, h^2 I)
+      --uncondition            no noise input (alone: plain denoising; scan with --sampler sde or pc)
+    What each does to the bundled digits, measured: examples/smoothing/README.md.
+    """
     if temperature is None and kernel is None and not uncondition:
         temperature = DEFAULT_TEMPERATURE
     config = SmoothingConfig(temperature=temperature, k=k, features=knn_features, denominator=denominator,
