@@ -84,7 +84,7 @@ def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int) -> l
     base = out / f"base{size}"  # the unsmoothed, conditioned model trained from scratch
     if size == 32:
         base = ROOT / "examples" / "models" / "digits32"  # 6000 steps on these 32 digits (it memorizes)
-    elif not (base / "model.safetensors").exists():
+    elif not (base / "model.safetensors").exists() or (base / "training_state.pt").exists():  # absent or unfinished
         sh("train", str(data), "--out", str(base), "--steps", str(scratch_steps), "--seed", "1", "--quiet")
     rows = []
     ks = [k for k in KS if k < size]  # K = 100 on 32 images is K = 32, all of them: the row would repeat K = 30
@@ -99,15 +99,19 @@ def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int) -> l
                 continue
             flags = (["--temperature", schedule, "--k", str(k)] if schedule else []) + \
                 (["--uncondition"] if uncond else [])
+            finished = (folder / "model.safetensors").exists() and not (folder / "training_state.pt").exists()
+            resume = ["--resume"] if (folder / "training_state.pt").exists() else []  # an interrupted run
             if mode == "finetune" and not flags:
                 spec = str(base)  # the unsmoothed baseline itself
             elif mode == "finetune":
-                sh("smooth", str(base), str(data), "--out", str(folder), *flags, "--steps", str(finetune_steps),
-                   "--no-compare", "--quiet")
+                if not finished:
+                    sh("smooth", str(base), str(data), "--out", str(folder), *flags, "--steps", str(finetune_steps),
+                       "--no-compare", "--quiet", *resume)
                 spec = str(folder)
             else:
-                sh("train", str(data), "--out", str(folder), *flags, "--steps", str(scratch_steps), "--seed", "1",
-                   "--quiet")
+                if not finished:
+                    sh("train", str(data), "--out", str(folder), *flags, "--steps", str(scratch_steps), "--seed",
+                       "1", "--quiet", *resume)
                 spec = str(folder)
             samplers = ("heun", "sde", "pc") if uncond else ("heun", "sde")
             row = {"set": size, "mode": mode, "schedule": schedule or "none", "k": k,
