@@ -2,6 +2,7 @@
 trained from scratch, on 32 and on 256 training images; each row scanned with an ODE and an SDE sampler.
 
     python examples/smoothing/grid.py OUT [--sets 32 256] [--finetune-steps 2000] [--scratch-steps 6000]
+                                          [--base-steps 6000]
 
 Checkpoints and per-row results are kept in OUT (a rerun skips what is done), and the Markdown tables are
 printed at the end (examples/smoothing/README.md holds them). Quality is the pixel-PCA FID proxy against 797
@@ -71,7 +72,7 @@ def measure(spec: str, train: torch.Tensor, held_out: torch.Tensor, samplers: tu
     return out
 
 
-def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int) -> list[dict]:
+def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int, base_steps: int) -> list[dict]:
     data = out / f"digits{size}.npz"
     with np.load(ROOT / "examples" / "digits" / "digits.npz") as npz:
         digits = npz["images"]
@@ -81,11 +82,11 @@ def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int) -> l
     if not held.exists():
         np.savez(held, images=digits[1000:])
     train, held_out = load_images(data), load_images(held)
-    base = out / f"base{size}"  # the unsmoothed, conditioned model trained from scratch
+    base = out / f"base{size}"  # the model the fine-tuning rows start from: unsmoothed, conditioned
     if size == 32:
         base = ROOT / "examples" / "models" / "digits32"  # 6000 steps on these 32 digits (it memorizes)
     elif not (base / "model.safetensors").exists() or (base / "training_state.pt").exists():  # absent or unfinished
-        sh("train", str(data), "--out", str(base), "--steps", str(scratch_steps), "--seed", "1", "--quiet")
+        sh("train", str(data), "--out", str(base), "--steps", str(base_steps), "--seed", "1", "--quiet")
     rows = []
     ks = [k for k in KS if k < size]  # K = 100 on 32 images is K = 32, all of them: the row would repeat K = 30
     settings = [(None, None, False), (None, None, True)] + [(t, k, u) for t in SCHEDULES for k in ks
@@ -168,9 +169,12 @@ def main() -> None:
     parser.add_argument("--sets", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--finetune-steps", type=int, default=2000)
     parser.add_argument("--scratch-steps", type=int, default=6000)
+    parser.add_argument("--base-steps", type=int, default=6000, help="training steps of the fine-tuning rows' "
+                        "starting model (32 images: the bundled examples/models/digits32, 6000 steps)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [r for size in args.sets for r in run_grid(args.out, size, args.finetune_steps, args.scratch_steps)]
+    rows = [r for size in args.sets
+            for r in run_grid(args.out, size, args.finetune_steps, args.scratch_steps, args.base_steps)]
     print(table(rows))
     print()
     print(best(rows))

@@ -10,8 +10,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${1:-/tmp/memaudit-smoothing}
 FINETUNE_STEPS=${FINETUNE_STEPS:-800}
 SCRATCH_STEPS=${SCRATCH_STEPS:-2000}
-python examples/smoothing/grid.py "$OUT" --sets 32 --finetune-steps "$FINETUNE_STEPS" --scratch-steps "$SCRATCH_STEPS" &
-python examples/smoothing/grid.py "$OUT" --sets 256 --finetune-steps "$FINETUNE_STEPS" --scratch-steps "$SCRATCH_STEPS" &
+BASE_STEPS=${BASE_STEPS:-10000}  # the 256-image model the fine-tuning rows start from
+python examples/smoothing/grid.py "$OUT" --sets 32 --finetune-steps "$FINETUNE_STEPS" --scratch-steps "$SCRATCH_STEPS" --base-steps "$BASE_STEPS" &
+python examples/smoothing/grid.py "$OUT" --sets 256 --finetune-steps "$FINETUNE_STEPS" --scratch-steps "$SCRATCH_STEPS" --base-steps "$BASE_STEPS" &
 wait
-python examples/smoothing/grid.py "$OUT" --sets 32 256 --finetune-steps "$FINETUNE_STEPS" --scratch-steps "$SCRATCH_STEPS"
+python examples/smoothing/grid.py "$OUT" --sets 32 256 --finetune-steps "$FINETUNE_STEPS" --scratch-steps "$SCRATCH_STEPS" --base-steps "$BASE_STEPS"
 python examples/smoothing/residual_noise.py "$OUT/32/finetune-plain-0-u" examples/models/digits32
