@@ -148,14 +148,17 @@ def ancestral(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: Noi
 def predictor_corrector(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn,
                         callback: Optional[StepCallback] = None, snr: float = 0.16, corrector_steps: int = 1) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Alg. 2, VE): at each sigma, Langevin corrector steps
-    x <- x + e g + sqrt(2 e) z with g = s(x, sigma), e = 2 (snr ||z|| / ||g||)^2 (norms per sample, not per batch,
-    so a sample does not depend on its batch), then the reverse-diffusion predictor x <- x + (s^2 - s'^2) g
-    + sqrt(s^2 - s'^2) z; the last predictor step returns its noise-free mean D(x, sigma_min)."""
+    x <- x + e g + sqrt(2 e) z with g = s(x, sigma), e = 2 (snr sqrt(d) / ||g||)^2, then the reverse-diffusion
+    predictor x <- x + (s^2 - s'^2) g + sqrt(s^2 - s'^2) z; the last predictor step returns its noise-free mean
+    D(x, sigma_min).  Song's code takes batch means of ||z|| and ||g||; here ||g|| is per sample (a sample must
+    not depend on the other rows of its batch: resume re-draws single rows) and ||z|| is its expectation sqrt(d),
+    since the drawn ||z||^2 / ||g||^2 per sample is heavy-tailed and inflates the variance (on N(0.3, 0.5^2),
+    50 steps: std 0.521 at d = 64, 0.623 at d = 4; batch means 0.515 and 0.517)."""
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         for _ in range(corrector_steps):
             grad = (_denoise(denoiser, x, s) - x) / s**2
             z = noise(x)
-            ratio = _norms(z) / _norms(grad).clamp_min(torch.finfo(x.dtype).tiny)
+            ratio = math.sqrt(math.prod(x.shape[1:])) / _norms(grad).clamp_min(torch.finfo(x.dtype).tiny)
             step = 2 * (snr * ratio) ** 2
             x = x + step * grad + torch.sqrt(2 * step) * z
         denoised = _denoise(denoiser, x, s)

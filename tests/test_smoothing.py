@@ -21,7 +21,7 @@ from memaudit.errors import UserError
 from memaudit.sampling import SAMPLERS, SamplerConfig, cpu_noise, karras_sigmas, sample
 from memaudit.smoothing.kernel import KernelSmoothedDenoiser, kernel_perturbations
 from memaudit.smoothing.knn_graph import knn_graph
-from memaudit.smoothing.power_law import (parse_temperature, power_law_weights, smoothed_target,
+from memaudit.smoothing.power_law import (log_weights, parse_temperature, power_law_weights, smoothed_target,
                                           weight_entropy)
 
 
@@ -89,6 +89,12 @@ def test_no_gaussian_sigma_reproduces_the_power_law_weights(d, distances, T):
     inv_s2 = max(float(target @ basis / (basis @ basis)), 0.0)  # the best 1/s^2 in least squares
     residual = np.abs(target - inv_s2 * basis).max()
     assert residual > 1e-3 * np.abs(target).max()
+    # and memaudit's weights are the power law, not a Gaussian: its log-weight gaps are `target`
+    x = torch.zeros(1, d, dtype=torch.float64)
+    neighbours = torch.zeros(1, len(r2), d, dtype=torch.float64)
+    neighbours[0, :, 0] = torch.from_numpy(np.sqrt(r2))
+    got = log_weights(x, neighbours, torch.tensor([T], dtype=torch.float64))[0].numpy()
+    np.testing.assert_allclose(got - got[0], target, rtol=1e-9, atol=1e-9)
 
 
 def test_temperature_schedules():
@@ -224,6 +230,32 @@ def test_a_tail_of_every_other_point_is_the_full_denoiser(digits32):
     assert (truncated(x, sigma) - full(x, sigma)).abs().max() > 1e-3  # the plain top-k is biased at large sigma
 
 
+def test_a_short_random_tail_is_reweighted_to_the_full_denoiser_on_average(digits32):
+    """tail = 8 of the 27 images outside the top 5: averaged over random tails the (M - K) / L' weight brings D
+    close to the full D* (a ratio estimator: small bias), far closer than no reweighting or the plain top k."""
+    full = EmpiricalDenoiser(digits32)
+    x = digits32[:4] + 0.8 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    want = full(x, sigma)
+    mean = torch.stack([EmpiricalDenoiser(digits32, k=5, tail=8, seed=s)(x, sigma) for s in range(300)]).mean(0)
+    top = EmpiricalDenoiser(digits32, k=5)(x, sigma)
+    # the unweighted tail (each member weighed 1, like a neighbour), by hand from the same code's distances
+    plain = []
+    for s in range(300):
+        model = EmpiricalDenoiser(digits32, k=5, tail=8, seed=s)
+        xf, sig = x.reshape(4, -1), sigma
+        idx = model.topk(xf, sig, 5).indices
+        both = torch.cat([idx, model.tail_indices.expand(4, -1)], 1)
+        logits = -((xf[:, None] - model.points[both]) ** 2).sum(-1) / (2 * sig[:, None] ** 2)
+        dup = (both[:, 5:, None] == idx[:, None, :]).any(2)
+        logits[:, 5:] = logits[:, 5:].masked_fill(dup, -torch.inf)
+        plain.append(torch.einsum("bk,bkd->bd", torch.softmax(logits, 1), model.points[both]).reshape(x.shape))
+    plain = torch.stack(plain).mean(0)
+    err = lambda d: float((d - want).abs().max())  # noqa: E731
+    assert err(mean) < 0.06
+    assert err(plain) > 4 * err(mean) and err(top) > 4 * err(mean)
+
+
 def test_truncated_mass_matches_numpy(digits32):
     model = EmpiricalDenoiser(digits32)
     x = digits32[:3] + torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -235,4 +267,4 @@ def test_truncated_mass_matches_numpy(digits32):
     want = 1 - np.sort(w, axis=1)[:, -6:].sum(1)
     np.testing.assert_allclose(model.truncated_mass(x, sigma, 6).numpy(), want, rtol=1e-4, atol=1e-6)
     est = model.truncated_mass(x, sigma, 6, tail=20)
-    assert (est - torch.from_numpy(want)).abs().max() < 0.2
+    assert (est - torch.from_numpy(want)).abs().max() < 0.05  # without the (M - k) / L' scale: 0.105 off

@@ -26,6 +26,7 @@ from memaudit.models.native import is_native
 from memaudit.numbers import fmt
 from memaudit.progress import ProgressTracker, progress_tracker
 from memaudit.scan import ScanConfig, run_scan
+from memaudit.smoothing.kernel import DEFAULT_SAMPLES
 from memaudit.smoothing.targets import SmoothingConfig
 from memaudit.training import TrainConfig
 
@@ -43,6 +44,8 @@ KNN_FEATURES = typer.Option(None, "--knn-features", help="Space of the kNN graph
 DENOMINATOR = typer.Option("sigma", "--denominator", help="sigma: sigma^2 (released code); shell: ||x - mu_j||^2/(d-2) "
                            "(the paper's text).")
 KERNEL = typer.Option(None, "--kernel", help="Bandwidth h of kernel score smoothing (instead of --temperature).")
+KERNEL_SAMPLES = typer.Option(DEFAULT_SAMPLES, "--kernel-samples", help="Perturbations e of --kernel (even: "
+                              "antithetic pairs).")
 UNCONDITION = typer.Option(False, "--uncondition", help="No noise input to the network (Eq. 9).")
 SIGMA_SAMPLING = typer.Option("lognormal", "--sigma-sampling", help="Training sigmas: EDM log-normal, or log-uniform "
                               "(the paper's NCSN setting).")
@@ -67,6 +70,7 @@ def smooth(
     knn_features: Optional[str] = KNN_FEATURES,
     denominator: Literal["sigma", "shell"] = DENOMINATOR,
     kernel: Optional[float] = KERNEL,
+    kernel_samples: int = KERNEL_SAMPLES,
     uncondition: bool = UNCONDITION,
     sigma_sampling: Literal["lognormal", "loguniform"] = SIGMA_SAMPLING,
     steps: int = typer.Option(2000, "--steps", help="Optimiser steps."),
@@ -94,17 +98,17 @@ def smooth(
     """Fine-tune MODEL so it memorizes DATA less, then compare before and after (docs/smoothing.md).
 
     \b
-    Targets below sigma_c (plain denoising above it):
-      --temperature 2          power-law weights over the K nearest training images of the clean image
-      --temperature 14/sigma   T = max(14/sigma, 1), sigma_c = 14 (the paper's 7/sigma; our sigmas are 2x)
-      --kernel 0.2             kernel score smoothing: E_e D*(x + e, sigma), e ~ N(0, h^2 I)
+    Targets (plain denoising toward the clean image where none applies):
+      --temperature 2          power-law weights over the K nearest training images of the clean image, every sigma
+      --temperature 14/sigma   T = max(14/sigma, 1) below sigma_c = 14 (the paper's 7/sigma; our sigmas are 2x)
+      --kernel 0.2             kernel score smoothing at every sigma: E_e D*(x + e, sigma), e ~ N(0, h^2 I)
       --uncondition            no noise input (alone: plain denoising; scan with --sampler sde or pc)
     What each does to the bundled digits, measured: examples/smoothing/README.md.
     """
     if temperature is None and kernel is None and not uncondition:
         temperature = DEFAULT_TEMPERATURE
     config = SmoothingConfig(temperature=temperature, k=k, features=knn_features, denominator=denominator,
-                             kernel=kernel, uncondition=uncondition,
+                             kernel=kernel, kernel_samples=kernel_samples, uncondition=uncondition,
                              sigma_collapse=None if sigma_collapse in (None, "auto") else _number(sigma_collapse))
     config.validate()
     train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,

@@ -41,6 +41,7 @@ def train(
     knn_features: Optional[str] = smoothing_options.KNN_FEATURES,
     denominator: Literal["sigma", "shell"] = smoothing_options.DENOMINATOR,
     kernel: Optional[float] = smoothing_options.KERNEL,
+    kernel_samples: int = smoothing_options.KERNEL_SAMPLES,
     uncondition: bool = smoothing_options.UNCONDITION,
     sigma_sampling: Literal["lognormal", "loguniform"] = smoothing_options.SIGMA_SAMPLING,
     resize: Optional[int] = RESIZE,
@@ -53,7 +54,8 @@ def train(
     noise input with --uncondition) and save a native checkpoint."""
     dev = resolve_device(device)
     smoothing = SmoothingConfig(temperature=temperature, k=k, sigma_collapse=sigma_collapse, features=knn_features,
-                                denominator=denominator, kernel=kernel, uncondition=uncondition)
+                                denominator=denominator, kernel=kernel, kernel_samples=kernel_samples,
+                                uncondition=uncondition)
     smoothing.validate()
     images = load_images(data, resize=resize, channels=channels, limit=limit).to(dev)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema, seed=seed,

@@ -25,8 +25,8 @@ def kernel_perturbations(shape: tuple, h: float, samples: int, seed: int = 0) ->
     """(S, *shape): h times standard normal draws in antithetic pairs (e_1, -e_1, e_2, -e_2, ...), seeded."""
     if not (h >= 0 and h < float("inf")):
         raise SettingError("kernel", h, "a finite bandwidth h >= 0")
-    if samples < 1:
-        raise SettingError("samples", samples, ">= 1")
+    if samples < 2 or samples % 2:
+        raise SettingError("samples", samples, "an even number >= 2 (antithetic pairs e, -e keep the mean at 0)")
     half = torch.randn(((samples + 1) // 2, *shape), generator=torch.Generator().manual_seed(seed))
     return (h * torch.stack([half, -half], dim=1).reshape(-1, *shape))[:samples]
 

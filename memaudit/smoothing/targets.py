@@ -62,10 +62,10 @@ class SmoothingConfig:
             raise SettingError("k", self.k, ">= 1")
         if self.denominator not in DENOMINATORS:
             raise SettingError("denominator", self.denominator, f"one of {', '.join(DENOMINATORS)}")
-        if self.kernel is not None and not (math.isfinite(self.kernel) and self.kernel >= 0):
-            raise SettingError("kernel", self.kernel, "a finite bandwidth h >= 0")
-        if self.kernel_samples < 1:
-            raise SettingError("kernel_samples", self.kernel_samples, ">= 1")
+        if self.kernel is not None and not (math.isfinite(self.kernel) and self.kernel > 0):
+            raise SettingError("kernel", self.kernel, "a finite bandwidth h > 0")
+        if self.kernel_samples < 2 or self.kernel_samples % 2:
+            raise SettingError("kernel_samples", self.kernel_samples, "an even number >= 2 (antithetic pairs)")
 
     @property
     def action(self) -> str:
