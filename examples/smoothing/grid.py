@@ -34,7 +34,7 @@ from memaudit.sampling import SamplerConfig, sample  # noqa: E402
 from memaudit.smoothing.knn_graph import knn_graph  # noqa: E402
 from memaudit.smoothing.power_law import parse_temperature, weight_entropy  # noqa: E402
 
-SCHEDULES = ("2", "14/sigma")  # a constant T, and the paper's T = 7/sigma in memaudit's units
+SCHEDULES = ("2", "2/sigma", "14/sigma")  # a constant T; the paper's T = 1/sigma and 7/sigma in memaudit's units
 KS = (10, 30, 100)
 ENTROPY_SIGMAS = (0.02, 0.1, 0.5, 2.0)
 SAMPLES = 256
