@@ -46,6 +46,7 @@ TRAJECTORY_BYTES = 512 * 1024**2  # recorded trajectories (x and D(x) per step) 
 SPOT_CHECK_ROWS = 2  # saved samples re-drawn before a resume is trusted
 SPOT_CHECK_RMS = 1e-3  # largest RMS difference (in [-1, 1] pixel units) a re-drawn sample may show
 SAMPLE_MEMORY_FACTOR = 8  # working memory of one sampling batch, in copies of the batch
+MAX_SHIFTS = 4  # --match-shifts: (2N + 1)^2 shifts are searched per sample
 
 
 @dataclass
@@ -71,6 +72,9 @@ class ScanConfig:
     sigma_min: Optional[float] = None  # sampling range; None: the default, clipped to the model's range
     sigma_max: Optional[float] = None
     dup_tol: float = DEFAULT_TOLERANCE
+    match_flips: bool = False  # the match metric: also compare each sample's mirror image
+    match_shifts: int = 0  # ... and its shifts by up to this many pixels
+    fpr: float = 0.01  # the calibration metric: target false-positive rate on held-out real images
 
     def validate(self) -> None:
         if not self.samplers:
@@ -93,6 +97,10 @@ class ScanConfig:
             raise SettingError("fid", repr(self.fid), f"one of {', '.join(FID_MODES)}")
         if not (math.isfinite(self.dup_tol) and 0 <= self.dup_tol < 1):
             raise SettingError("dup_tol", self.dup_tol, "in [0, 1)")
+        if not (isinstance(self.match_shifts, int) and 0 <= self.match_shifts <= MAX_SHIFTS):
+            raise SettingError("match_shifts", self.match_shifts, f"an integer in [0, {MAX_SHIFTS}]")
+        if not (math.isfinite(self.fpr) and 0 < self.fpr < 1):
+            raise SettingError("fpr", self.fpr, "in (0, 1)")
         for name in ("sigma_min", "sigma_max"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -124,7 +132,8 @@ class ScanConfig:
                 "topk": self.topk, "device": self.device, "batch_size": self.batch_size,
                 "trajectory_samples": self.trajectory_samples, "cosine_points": self.cosine_points,
                 "jacobian_points": self.jacobian_points, "skip": sorted(self.skip), "fid": self.fid,
-                "dup_tol": self.dup_tol}
+                "dup_tol": self.dup_tol, "match_flips": self.match_flips, "match_shifts": self.match_shifts,
+                "fpr": self.fpr}
 
 
 @dataclass

@@ -58,6 +58,10 @@ def scan(
     dup_tol: float = typer.Option(DEFAULTS.dup_tol, "--dup-tol", help="Training images closer than this "
                                   "fraction of the RMS distance between two random training images are "
                                   "near-duplicates (d2 is measured to the nearest distinct image); 0: exact copies only."),
+    match_flips: bool = typer.Option(False, "--match-flips", help="Also match each sample's mirror image (models "
+                                     "trained with x-flip can emit mirrored copies): d = min over the transforms."),
+    match_shifts: int = typer.Option(0, "--match-shifts", metavar="N", help="Also match shifts by up to N pixels "
+                                     "(with --match-flips, of the mirror image too)."),
     param: Optional[opt.ParamName] = opt.PARAM,
     schedule: Optional[opt.ScheduleName] = opt.SCHEDULE,
     factory: Optional[str] = opt.FACTORY,
@@ -77,7 +81,8 @@ def scan(
     check_gate_metrics(gates, summary_keys(sampler))
     config = ScanConfig(num_samples=samples, samplers=tuple(sampler), steps=steps, seed=seed, batch_size=batch_size,
                         threshold=threshold, topk=topk, features=features, fid=fid, device=device, skip=tuple(skip),
-                        sigma_min=sigma_min, sigma_max=sigma_max, dup_tol=dup_tol)
+                        sigma_min=sigma_min, sigma_max=sigma_max, dup_tol=dup_tol,
+                        match_flips=match_flips, match_shifts=match_shifts)
     config.validate()
     check_distinct_paths(inputs={"MODEL": model, "DATA": data},
                          outputs={"--json": json_out, "--junit": junit_out, "--html": html_out})

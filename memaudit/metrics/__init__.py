@@ -2,6 +2,8 @@
 
 nn_ratio           d1/d2 nearest/second-nearest distinct training image, fraction memorized (< 1/3)
 adaptive_l2        Carlini et al.'s d1 / (0.5 x mean distance to the 50 nearest training images)
+match              the NN ratio with d = min over flips/shifts (--match-flips, --match-shifts N)
+tiled_l2           partial copies: min over tiles of the tile NN ratio; Carlini's tiled L2 (max over tiles)
 entropy            entropy of the top-k empirical weights along sampling trajectories; collapse_sigma
 trajectory_cosine  1 - cos(D(x,s) - x, D*(x,s) - x) at the points the sampler visits
 score_cosine       the same on noisy training points
@@ -16,12 +18,15 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from memaudit.metrics import adaptive_l2, entropy, fid, jacobian, nn_ratio, score_cosine, trajectory_cosine
+from memaudit.metrics import (adaptive_l2, entropy, fid, jacobian, match, nn_ratio, score_cosine, tiled_l2,
+                              trajectory_cosine)
 from memaudit.metrics.base import RUN, SCAN, Metric, sampler_key
 
 METRICS: tuple[Metric, ...] = (
     nn_ratio.METRIC,
     adaptive_l2.METRIC,
+    match.METRIC,
+    tiled_l2.METRIC,
     entropy.METRIC,
     trajectory_cosine.METRIC,
     score_cosine.METRIC,
