@@ -157,3 +157,15 @@ def test_a_holdout_of_another_shape_is_a_one_line_error(capsys, tmp_path, held_n
     np.save(tmp_path / "big.npy", np.zeros((10, 16, 16), dtype=np.uint8))
     code, _, err = scan(capsys, tmp_path, "--holdout", tmp_path / "big.npy")
     assert code == 2 and err.strip().count("\n") == 0 and "shape" in err, err
+
+
+def test_ct_reduces_wide_features_to_64_pca_dims_like_sklearn(digits):
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(0)
+    lift = rng.standard_normal((64, 100))  # a 100-dim feature space
+    flat = digits.reshape(len(digits), -1).numpy().astype(np.float64) @ lift
+    train, test, gen = flat[:1000], flat[1000:1400], flat[1400:]
+    pca = PCA(n_components=64).fit(train)
+    want = c_t(pca.transform(train), pca.transform(test), pca.transform(gen), seed=0).ct  # 64 dims: no PCA inside
+    assert c_t(train, test, gen, seed=0).ct == pytest.approx(want, rel=1e-6, abs=1e-9)

@@ -72,3 +72,20 @@ def test_the_report_renders_in_headless_chromium(html_report, tmp_path):
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                           (folder / "index.html").as_uri()], check=True, timeout=120, capture_output=True, text=True)
     assert "Reproduced training images" in dom.stdout
+
+
+def test_near_duplicate_clusters_get_a_grid(html_report, tmp_path):
+    import torch
+
+    from memaudit.report.html import write_html
+
+    _, report = html_report
+    report = json.loads(json.dumps(report))
+    report["data"]["duplicates"].update({"num_clusters": 2, "num_images_in_clusters": 5,
+                                         "clusters": [[0, 3], [1, 4, 7]]})
+    train = torch.rand(8, 1, 8, 8) * 2 - 1
+    index = write_html(report, tmp_path / "html", samples={}, train=train)
+    text = index.read_text()
+    assert 'src="duplicates_clusters.png"' in text and "Near-duplicate training images" in text
+    grid = np.asarray(Image.open(tmp_path / "html" / "duplicates_clusters.png"))
+    assert grid.shape[0] < grid.shape[1]  # 2 rows of 8

@@ -251,6 +251,28 @@ def _images_for_run(tmp: Path, fname: str, blocks: list, samples: Optional[Tenso
     return out
 
 
+CLUSTER_ROWS, CLUSTER_COLS = 16, 8
+DUPLICATES_PNG = "duplicates_clusters.png"
+
+
+def _duplicates_grid(tmp: Path, report: Mapping[str, Any], train: Optional[Tensor]) -> Optional[str]:
+    """duplicates_clusters.png: one row per near-duplicate cluster (at most 16 rows of 8 members; blank-padded)."""
+    clusters = ((report.get("data") or {}).get("duplicates") or {}).get("clusters") or []
+    if train is None or not len(train) or not clusters:
+        return None
+    import torch
+
+    rows = []
+    for members in clusters[:CLUSTER_ROWS]:
+        members = [m for m in members if 0 <= m < len(train)][:CLUSTER_COLS]
+        row = train[members].detach().cpu().float()
+        blank = torch.ones((CLUSTER_COLS - len(members),) + tuple(train.shape[1:]))
+        rows.append(torch.cat([row, blank]))
+    save_png(image_grid(torch.cat(rows), nrow=CLUSTER_COLS, upscale=auto_upscale(train.shape[-2])),
+             tmp / DUPLICATES_PNG)
+    return DUPLICATES_PNG
+
+
 def merged_plots(report: Mapping[str, Any]) -> list[Plot]:
     """Every metric's plots, those with the same title merged into one, in METRICS order."""
     merged: dict[str, Plot] = {}
@@ -368,6 +390,9 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any
         body.append("<h2>Near-duplicate training images</h2>")
         body.append(f"<p>{dup['num_clusters']} clusters hold {dup.get('num_images_in_clusters')} training images "
                     f"(tolerance {fmt(dup.get('tolerance'))}); NN ratios use the nearest distinct image.</p>")
+        if images.get("_duplicates"):
+            body.append(f'<img class="grid" src="{esc(images["_duplicates"])}" alt="near-duplicate clusters, one '
+                        f'per row">')
         body.append(_table(["cluster", "size", "training images"],
                            [(k + 1, len(c), ", ".join(map(str, c[:20])) + (" ..." if len(c) > 20 else ""))
                             for k, c in enumerate(dup.get("clusters") or [])]))
@@ -462,6 +487,9 @@ def write_html(report: Mapping[str, Any], folder: str | os.PathLike,
     with atomic_dir(folder) as tmp:
         images = {run: _images_for_run(tmp, names[run], run_evidence(report, run), samples.get(run), train,
                                        max_samples) for run in sorted(runs)}
+        duplicates_png = _duplicates_grid(tmp, report, train)
+        if duplicates_png:
+            images["_duplicates"] = duplicates_png
         write_text_atomic(tmp / "index.html", render_html(report, images))
         write_text_atomic(tmp / "report.md", render_markdown(report, images))
     return folder / "index.html"
