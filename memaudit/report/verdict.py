@@ -47,8 +47,10 @@ def verdict_lines(report: Mapping[str, Any]) -> list[str]:
         out.append(f"Calibrated on {cal.get('num_holdout')} held-out real images: the threshold flags "
                    f"{pct(cal.get('fpr'))} of them (false-positive rate, upper bound {pct(cal.get('fpr_upper'))}); "
                    f"at the calibrated threshold {fmt(cal.get('calibrated_threshold'))} (FPR {fmt(cal.get('target_fpr'))}) "
-                   f"{pct(s.get('calibrated_memorized_fraction'))} of samples are copies; C_T "
-                   f"{fmt(s.get('ct_score'))} (held-out baseline {fmt(cal.get('ct_baseline'))}; << 0 = copying).")
+                   f"{pct(s.get('calibrated_memorized_fraction'))} of samples are copies; " + (
+                       f"C_T {fmt(s.get('ct_score'))} (held-out baseline {fmt(cal.get('ct_baseline'))}; << 0 = copying)."
+                       if s.get("ct_score") is not None else
+                       "C_T not computed (no k-means cell holds more than 20 samples: draw more, or it was skipped)."))
     else:
         out.append("Uncalibrated: the threshold was not checked on held-out real images (pass --holdout DATA2).")
     extra = [f"DiffMemorize-compatible ratio {pct(s.get('diffmemorize_fraction'))}"
