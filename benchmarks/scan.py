@@ -2,6 +2,8 @@
 
 Prints the wall time of each stage (sampling per sampler, metrics, score cosine, Jacobian, FID) and the total.
 Run: python benchmarks/scan.py [--samples 1000] [--model examples/models/digits-all] [--device cpu]
+       [--skip NAME ...] [--compare]
+--compare also times the scan without the detection metrics of issue 10 (the "plain" scan) and prints the ratio.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import torch
 from memaudit.scan import ScanConfig, run_scan
 from memaudit.data import load_images
 from memaudit.models.load import load_model
+
+# the metrics issue 10 added to the default scan (match and ct_score/calibration do no work without their flags)
+DETECTION = ("attribution", "diffmemorize", "match", "tiled_l2", "authenticity", "ct_score", "calibration")
 
 
 class StageTimer:
@@ -37,22 +42,28 @@ def main() -> None:
     parser.add_argument("--data", default="examples/digits/digits.npz")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip", action="append", default=[], help="a metric section to skip (repeatable)")
+    parser.add_argument("--compare", action="store_true", help="also time the plain scan and print the ratio")
     args = parser.parse_args()
     train = load_images(args.data)
     model = load_model(args.model, device=args.device, train=train.to(args.device))
-    config = ScanConfig(num_samples=args.samples, device=args.device)
-    timer = StageTimer()
-    start = time.perf_counter()
-    result = run_scan(model, train, config, model_info={"spec": args.model}, data_info={"path": args.data},
-                      task=timer)
-    total = time.perf_counter() - start
-    print(f"model={args.model} data={args.data} ({train.shape[0]} images {tuple(train.shape[1:])}) "
-          f"samples={args.samples} samplers={','.join(config.samplers)} steps={config.steps} "
-          f"device={args.device} threads={torch.get_num_threads()}")
-    for stage, seconds in timer.times.items():
-        print(f"  {stage:<14} {seconds:7.2f} s")
-    print(f"  {'total':<14} {total:7.2f} s   memorized_fraction={result.report['summary']['memorized_fraction']}")
-
+    totals = {}
+    for label, skip in ([("plain", tuple(args.skip) + DETECTION)] if args.compare else []) + [
+            ("default", tuple(args.skip))]:
+        config = ScanConfig(num_samples=args.samples, device=args.device, skip=skip)
+        timer = StageTimer()
+        start = time.perf_counter()
+        result = run_scan(model, train, config, model_info={"spec": args.model}, data_info={"path": args.data},
+                          task=timer)
+        totals[label] = total = time.perf_counter() - start
+        print(f"[{label}] model={args.model} data={args.data} ({train.shape[0]} images {tuple(train.shape[1:])}) "
+              f"samples={args.samples} samplers={','.join(config.samplers)} steps={config.steps} "
+              f"device={args.device} threads={torch.get_num_threads()} skip={','.join(skip) or '-'}")
+        for stage, seconds in timer.times.items():
+            print(f"  {stage:<14} {seconds:7.2f} s")
+        print(f"  {'total':<14} {total:7.2f} s   memorized_fraction={result.report['summary']['memorized_fraction']}")
+    if args.compare:
+        print(f"default / plain = {totals['default'] / totals['plain']:.3f}")
 
 if __name__ == "__main__":
     main()

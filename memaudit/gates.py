@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from memaudit.errors import UserError
+from memaudit.intervals import samples_to_bound
 from memaudit.numbers import finite_or_none
 
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -104,7 +105,13 @@ def evaluate_gates(gates: Sequence[Gate | str], summary: Mapping[str, Any]) -> l
         else:
             passed = True
             reason = f"{gate.metric} = {value:.6g}, and {gate.metric} {gate.op} {gate.threshold:.6g} does not hold"
+        entry_extra = {}
+        planned = bound_plan(gate, summary)
+        if planned is not None:
+            entry_extra["samples_to_bound"] = planned[0]
+            reason += f"; {planned[1]}"
         results.append({
+            **entry_extra,
             "expr": gate.expr,
             "metric": gate.metric,
             "op": gate.op,
@@ -114,6 +121,22 @@ def evaluate_gates(gates: Sequence[Gate | str], summary: Mapping[str, Any]) -> l
             "reason": reason,
         })
     return results
+
+
+def bound_plan(gate: Gate, summary: Mapping[str, Any]) -> tuple[int | None, str] | None:
+    """For a gate `X_upper > t` (or >=) on a Wilson upper bound whose point estimate X is in the summary:
+    (samples per run that would bound the upper end below t at the observed rate, or None when none can; the
+    sentence saying so). None for other gates."""
+    if not gate.metric.endswith("_upper") or gate.op not in (">", ">="):
+        return None
+    rate = finite_or_none(summary.get(gate.metric[: -len("_upper")]))
+    if rate is None:
+        return None
+    n = samples_to_bound(rate, gate.threshold)
+    if n is None:
+        return None, (f"at the observed rate {rate:.6g} no number of samples bounds the upper end below "
+                      f"{gate.threshold:.6g}")
+    return n, f"at the observed rate {rate:.6g}, {n} samples per run would bound it below {gate.threshold:.6g}"
 
 
 def gates_status(results: Iterable[Mapping[str, Any]]) -> str:

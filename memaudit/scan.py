@@ -46,6 +46,7 @@ TRAJECTORY_BYTES = 512 * 1024**2  # recorded trajectories (x and D(x) per step) 
 SPOT_CHECK_ROWS = 2  # saved samples re-drawn before a resume is trusted
 SPOT_CHECK_RMS = 1e-3  # largest RMS difference (in [-1, 1] pixel units) a re-drawn sample may show
 SAMPLE_MEMORY_FACTOR = 8  # working memory of one sampling batch, in copies of the batch
+MAX_SHIFTS = 4  # --match-shifts: (2N + 1)^2 shifts are searched per sample
 
 
 @dataclass
@@ -71,6 +72,9 @@ class ScanConfig:
     sigma_min: Optional[float] = None  # sampling range; None: the default, clipped to the model's range
     sigma_max: Optional[float] = None
     dup_tol: float = DEFAULT_TOLERANCE
+    match_flips: bool = False  # the match metric: also compare each sample's mirror image
+    match_shifts: int = 0  # ... and its shifts by up to this many pixels
+    fpr: float = 0.01  # the calibration metric: target false-positive rate on held-out real images
 
     def validate(self) -> None:
         if not self.samplers:
@@ -93,6 +97,10 @@ class ScanConfig:
             raise SettingError("fid", repr(self.fid), f"one of {', '.join(FID_MODES)}")
         if not (math.isfinite(self.dup_tol) and 0 <= self.dup_tol < 1):
             raise SettingError("dup_tol", self.dup_tol, "in [0, 1)")
+        if not (isinstance(self.match_shifts, int) and 0 <= self.match_shifts <= MAX_SHIFTS):
+            raise SettingError("match_shifts", self.match_shifts, f"an integer in [0, {MAX_SHIFTS}]")
+        if not (math.isfinite(self.fpr) and 0 < self.fpr < 1):
+            raise SettingError("fpr", self.fpr, "in (0, 1)")
         for name in ("sigma_min", "sigma_max"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -124,7 +132,8 @@ class ScanConfig:
                 "topk": self.topk, "device": self.device, "batch_size": self.batch_size,
                 "trajectory_samples": self.trajectory_samples, "cosine_points": self.cosine_points,
                 "jacobian_points": self.jacobian_points, "skip": sorted(self.skip), "fid": self.fid,
-                "dup_tol": self.dup_tol}
+                "dup_tol": self.dup_tol, "match_flips": self.match_flips, "match_shifts": self.match_shifts,
+                "fpr": self.fpr}
 
 
 @dataclass
@@ -232,10 +241,16 @@ def training_duplicates(index: NeighborIndex, tolerance: float, note: NoteFn) ->
 
 def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: dict, data_info: dict,
              task: Optional[TaskFactory] = None, workdir: Optional[Path] = None, resume: bool = False,
-             note: Optional[NoteFn] = None) -> ScanResult:
+             note: Optional[NoteFn] = None, holdout: Optional[Tensor] = None) -> ScanResult:
     """Sample with each configured sampler, compute every listed metric, and return the report (without gates:
-    the caller attaches them) and the samples."""
+    the caller attaches them) and the samples. `holdout`: held-out real images (same shape and range as `train`)
+    that calibrate the NN-ratio rule and feed C_T (memaudit.metrics.calibration, ct_score)."""
     config.validate()
+    if holdout is not None and tuple(holdout.shape[1:]) != tuple(train.shape[1:]):
+        raise UserError(f"the held-out images have shape {tuple(holdout.shape[1:])}, the training images "
+                        f"{tuple(train.shape[1:])}: they must match")
+    if holdout is not None and holdout.shape[0] < 2:
+        raise UserError(f"--holdout holds {holdout.shape[0]} image; calibration needs at least 2")
     task = task or (lambda description, total: (lambda done, info="": None))
     note = note or (lambda message: None)
     check_sampling_memory(config, model.image_shape)
@@ -247,7 +262,8 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     ctx = ScanContext(model=model, empirical=EmpiricalDenoiser(train_dev), train=train_dev, config=config,
                       features=features, index=index, duplicates=duplicates, runs={},
                       sigmas=metric_sigmas(model, config.metric_sigmas),
-                      generator=torch.Generator().manual_seed(config.seed + 1), task=task)
+                      generator=torch.Generator().manual_seed(config.seed + 1), task=task,
+                      holdout=holdout.to(device) if holdout is not None else None)
     record = trajectory_rows(config, model.image_shape)
     store = SampleStore(workdir, {"settings": config.sample_settings(), "record": record, "model": model_info,
                                   "weights": model_fingerprint(model) if workdir is not None else None,

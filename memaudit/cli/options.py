@@ -44,7 +44,8 @@ FLAGS = {"num_samples": "--samples", "samplers": "--sampler", "steps": "--steps"
          "k": "--k", "bandwidth": "--bandwidth", "features": "--features", "channels": "--channels",
          "resize": "--resize", "limit": "--limit", "value_range": "--value-range", "kernel": "--kernel",
          "kernel_samples": "--kernel-samples", "denominator": "--denominator", "sigma_collapse": "--sigma-collapse",
-         "sigma_sampling": "--sigma-sampling"}
+         "sigma_sampling": "--sigma-sampling", "match_shifts": "--match-shifts", "fpr": "--fpr",
+         "holdout": "--holdout"}
 FEATURES = typer.Option(None, "--features", help=f"Feature space for NN distances and duplicates: "
                                                  f"{describe_features()}.")
 

@@ -58,6 +58,14 @@ def scan(
     dup_tol: float = typer.Option(DEFAULTS.dup_tol, "--dup-tol", help="Training images closer than this "
                                   "fraction of the RMS distance between two random training images are "
                                   "near-duplicates (d2 is measured to the nearest distinct image); 0: exact copies only."),
+    holdout: Optional[Path] = typer.Option(None, "--holdout", metavar="DATA2", help="Held-out real images (never "
+                                           "trained on): calibrate the NN-ratio rule (its false-positive rate, a "
+                                           "threshold at --fpr) and compute Meehan's C_T."),
+    fpr: float = typer.Option(DEFAULTS.fpr, "--fpr", help="Target false-positive rate of the calibrated threshold."),
+    match_flips: bool = typer.Option(False, "--match-flips", help="Also match each sample's mirror image (models "
+                                     "trained with x-flip can emit mirrored copies): d = min over the transforms."),
+    match_shifts: int = typer.Option(0, "--match-shifts", metavar="N", help="Also match shifts by up to N pixels "
+                                     "(with --match-flips, of the mirror image too)."),
     param: Optional[opt.ParamName] = opt.PARAM,
     schedule: Optional[opt.ScheduleName] = opt.SCHEDULE,
     factory: Optional[str] = opt.FACTORY,
@@ -77,9 +85,10 @@ def scan(
     check_gate_metrics(gates, summary_keys(sampler))
     config = ScanConfig(num_samples=samples, samplers=tuple(sampler), steps=steps, seed=seed, batch_size=batch_size,
                         threshold=threshold, topk=topk, features=features, fid=fid, device=device, skip=tuple(skip),
-                        sigma_min=sigma_min, sigma_max=sigma_max, dup_tol=dup_tol)
+                        sigma_min=sigma_min, sigma_max=sigma_max, dup_tol=dup_tol,
+                        match_flips=match_flips, match_shifts=match_shifts, fpr=fpr)
     config.validate()
-    check_distinct_paths(inputs={"MODEL": model, "DATA": data},
+    check_distinct_paths(inputs={"MODEL": model, "DATA": data, **({"--holdout": holdout} if holdout else {})},
                          outputs={"--json": json_out, "--junit": junit_out, "--html": html_out})
     check_outputs(json_out, html_out, junit_out)  # now, not after a long scan
     dev = opt.resolve_device(device)
@@ -93,12 +102,17 @@ def scan(
                                       round_timesteps=round_timesteps)
     data_info = {"path": str(data), "num_images": int(train.shape[0]), "image_shape": list(train.shape[1:]),
                  "value_range": dataset.value_range}
+    held = None
+    if holdout is not None:
+        held = load_dataset(holdout, resize=resize, channels=channels,
+                            value_range=parse_value_range(value_range)).images
+        data_info["holdout"] = {"path": str(holdout), "num_images": int(held.shape[0])}
     root = work_folder(workdir, quiet)
     notes = Console(stderr=True)
     try:
         with progress_tracker(quiet=quiet) as tracker:
             result = run_scan(denoiser, train, config, model_info=opt.model_info(model, denoiser),
-                              data_info=data_info, task=tracker.task, workdir=root, resume=resume,
+                              data_info=data_info, task=tracker.task, workdir=root, resume=resume, holdout=held,
                               note=lambda line: notes.print(opt.printable(line), markup=False, highlight=False))
     except KeyboardInterrupt:
         raise KeyboardInterrupt("interrupted; the samples drawn so far are saved: run the same command with "

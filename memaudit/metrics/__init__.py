@@ -1,12 +1,19 @@
 """The memorization metrics, one module per metric, listed once here (see memaudit.metrics.base.Metric).
 
 nn_ratio           d1/d2 nearest/second-nearest distinct training image, fraction memorized (< 1/3)
+attribution        which training images are reproduced (ratio < 1/3 to them), how often, by which samples
+diffmemorize       DiffMemorize's number as their script computes it (uint8 pixels, L2/sqrt(CHW), top-2, < 1/3)
 adaptive_l2        Carlini et al.'s d1 / (0.5 x mean distance to the 50 nearest training images)
+match              the NN ratio with d = min over flips/shifts (--match-flips, --match-shifts N)
+tiled_l2           partial copies: min over tiles of the tile NN ratio; Carlini's tiled L2 (max over tiles)
+authenticity       Alaa et al.'s authenticity: samples farther from their NN than it is from its own NN
+ct_score           Meehan et al.'s data-copying test C_T against held-out real images (--holdout)
 entropy            entropy of the top-k empirical weights along sampling trajectories; collapse_sigma
 trajectory_cosine  1 - cos(D(x,s) - x, D*(x,s) - x) at the points the sampler visits
 score_cosine       the same on noisy training points
 jacobian           spectral norm of dD/dx (model vs empirical) and one-step sampler expansion
 fid                Frechet distance: clean-fid's Inception when present, plus an offline pixel-PCA proxy
+calibration        the NN-ratio rule's false-positive rate on held-out real images and a calibrated threshold
 
 This list drives --skip (names = section names), the report sections, the gate names, the terminal/HTML rendering
 and the summary table of docs/report-schema.md. Scan-level metrics share one generator, drawn from in this order.
@@ -16,17 +23,25 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from memaudit.metrics import adaptive_l2, entropy, fid, jacobian, nn_ratio, score_cosine, trajectory_cosine
+from memaudit.metrics import (adaptive_l2, attribution, authenticity, calibration, ct_score, diffmemorize, entropy,
+                              fid, jacobian, match, nn_ratio, score_cosine, tiled_l2, trajectory_cosine)
 from memaudit.metrics.base import RUN, SCAN, Metric, sampler_key
 
 METRICS: tuple[Metric, ...] = (
     nn_ratio.METRIC,
+    attribution.METRIC,
+    diffmemorize.METRIC,
     adaptive_l2.METRIC,
+    match.METRIC,
+    tiled_l2.METRIC,
+    authenticity.METRIC,
+    ct_score.METRIC,
     entropy.METRIC,
     trajectory_cosine.METRIC,
     score_cosine.METRIC,
     jacobian.METRIC,
     fid.METRIC,
+    calibration.METRIC,
 )
 
 BY_NAME = {m.name: m for m in METRICS}

@@ -105,8 +105,8 @@ class RunData:
 class ScanContext:
     """Everything a metric may read: the model, the empirical denoiser of the training set, the training set,
     the scan settings, the feature space and neighbour index, near-duplicate clusters, every run's samples,
-    the noise levels of the scan-level metrics, a shared generator (drawn from in METRICS order) and a progress
-    task factory."""
+    the noise levels of the scan-level metrics, a shared generator (drawn from in METRICS order), a progress
+    task factory, the held-out real images (or None) and a cache the metrics share."""
 
     model: Any
     empirical: Any
@@ -119,6 +119,8 @@ class ScanContext:
     sigmas: list[float]
     generator: torch.Generator
     task: Callable[[str, int], Callable[..., None]]
+    holdout: Optional[Tensor] = None  # held-out real images (scan --holdout), in [-1, 1] like `train`
+    cache: dict = field(default_factory=dict)  # per-scan results metrics share (e.g. indexes they build once)
 
 
 class Metric:

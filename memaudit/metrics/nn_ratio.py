@@ -18,6 +18,7 @@ from torch import Tensor
 from memaudit.duplicates import Duplicates, distinct_second
 from memaudit.errors import UserError
 from memaudit.features import FeatureSpace, embed
+from memaudit.intervals import fraction_fields
 from memaudit.metrics.base import (RUN, Column, Histogram, Metric, Note, PairGrid, RunData, ScanContext,
                                    sampler_key)
 from memaudit.neighbors import NeighborIndex
@@ -89,7 +90,13 @@ def memorized(ratio: np.ndarray, threshold: float) -> Optional[float]:
     """Fraction of ratios below the threshold, non-finite ones counted as memorized (fail closed)."""
     if not len(ratio):
         return None
-    return float(((ratio < threshold) | ~np.isfinite(ratio)).sum() / len(ratio))
+    return float(memorized_count(ratio, threshold) / len(ratio))
+
+
+def memorized_count(ratio: np.ndarray, threshold: float) -> int:
+    """How many ratios lie below the threshold, non-finite ones counted as memorized (fail closed)."""
+    ratio = np.asarray(ratio, dtype=np.float64)
+    return int(((ratio < threshold) | ~np.isfinite(ratio)).sum())
 
 
 def section(ratio, d1, d2, nearest, threshold: float = NN_RATIO_THRESHOLD, bins: int = HISTOGRAM_BINS,
@@ -100,7 +107,8 @@ def section(ratio, d1, d2, nearest, threshold: float = NN_RATIO_THRESHOLD, bins:
     ratio < threshold. A non-finite ratio (NaN, inf) is never "not memorized": it counts as memorized.
     The histogram has `bins` equal bins over [0, 1]; "worst" lists the `worst` sample indices with the
     smallest ratios, ascending (ties by index). `ratio_plain` (d2 = second-nearest image, duplicates
-    or not) gives memorized_fraction_plain.
+    or not) gives memorized_fraction_plain. Each fraction has its 95 % Wilson interval (`_lower`, `_upper`)
+    and its count (`_count`) beside it (memaudit.intervals).
     """
     r = np.asarray(ratio, dtype=np.float64).reshape(-1)
     d1 = np.asarray(d1, dtype=np.float64).reshape(-1)
@@ -116,6 +124,9 @@ def section(ratio, d1, d2, nearest, threshold: float = NN_RATIO_THRESHOLD, bins:
     return {
         "memorized_fraction": memorized(r, threshold),
         "memorized_fraction_plain": memorized(plain, threshold),
+        **interval_fields("memorized_fraction", r, threshold),
+        **interval_fields("memorized_fraction_plain", plain, threshold),
+        "num_samples": int(len(r)),
         "non_finite": int((~ok).sum()),
         "threshold": float(threshold),
         "mean": finite_or_none(rf.mean()) if len(rf) else None,
@@ -131,6 +142,12 @@ def section(ratio, d1, d2, nearest, threshold: float = NN_RATIO_THRESHOLD, bins:
     }
 
 
+def interval_fields(name: str, ratio: np.ndarray, threshold: float) -> dict:
+    """The `_lower`, `_upper` and `_count` fields of the fraction `name` of ratios below `threshold`."""
+    fields = fraction_fields(name, memorized_count(ratio, threshold), len(ratio))
+    return {k: v for k, v in fields.items() if k != name}
+
+
 def worst_pairs(nn: Mapping[str, Any], limit: int) -> list[dict]:
     """The section's worst samples (at most `limit`), each its per-sample entry."""
     by_index = {s["index"]: s for s in nn.get("samples") or []}
@@ -143,6 +160,11 @@ class NNRatio(Metric):
     title = "Nearest-neighbour ratio"
     summary_keys = {
         "memorized_fraction": "max over runs of `nn_ratio.memorized_fraction`",
+        "memorized_fraction_lower": "max over runs of `nn_ratio.memorized_fraction_lower` (95 % Wilson interval)",
+        "memorized_fraction_upper": "max over runs of `nn_ratio.memorized_fraction_upper` (95 % Wilson interval; "
+                                    "gate on it to bound the rate, e.g. `memorized_fraction_upper>0.01`)",
+        "memorized_fraction_plain": "max over runs of `nn_ratio.memorized_fraction_plain` (d2 = second-nearest "
+                                    "image, duplicates or not)",
         "min_nn_ratio": "min over runs of `nn_ratio.min`",
         "mean_nn_ratio": "mean ratio over all samples of all runs",
     }
@@ -173,6 +195,9 @@ class NNRatio(Metric):
             if mean is not None:
                 weighted.append((mean, max(len(finite(s.get("ratio") for s in nn.get("samples") or [])), 1)))
         out["memorized_fraction"] = max(fractions) if fractions else None
+        for key in ("memorized_fraction_lower", "memorized_fraction_upper", "memorized_fraction_plain"):
+            values = finite(nn.get(key) for nn in sections.values() if nn)
+            out[key] = max(values) if values else None
         out["min_nn_ratio"] = min(mins) if mins else None
         if weighted:
             out["mean_nn_ratio"] = sum(m * w for m, w in weighted) / sum(w for _, w in weighted)
@@ -182,8 +207,14 @@ class NNRatio(Metric):
         c.dict(nn, where, ("memorized_fraction", "threshold", "mean", "median", "min", "histogram", "samples",
                            "worst"))
         c.fraction(nn["memorized_fraction"], f"{where}.memorized_fraction")
-        if "memorized_fraction_plain" in nn:
-            c.fraction(nn["memorized_fraction_plain"], f"{where}.memorized_fraction_plain")
+        for key in ("memorized_fraction_plain", "memorized_fraction_lower", "memorized_fraction_upper",
+                    "memorized_fraction_plain_lower", "memorized_fraction_plain_upper"):
+            if key in nn:
+                c.fraction(nn[key], f"{where}.{key}")
+        lo, hi, frac = (nn.get(k) for k in ("memorized_fraction_lower", "memorized_fraction_upper",
+                                           "memorized_fraction"))
+        if None not in (lo, hi, frac) and not lo - 1e-12 <= frac <= hi + 1e-12:
+            c.fail(f"{where}.memorized_fraction", f"= {frac} lies outside its interval [{lo}, {hi}]")
         c.num(nn["threshold"], f"{where}.threshold")
         for key in ("mean", "median", "min"):
             c.num(nn[key], f"{where}.{key}", nullable=True)
@@ -215,8 +246,9 @@ class NNRatio(Metric):
         return [f"memorized = nearest/second-nearest training distance ratio < {fmt(threshold)}"]
 
     def evidence(self, run: str, nn: Mapping) -> list:
-        out: list = [Note(f"memorized fraction {fmt(nn.get('memorized_fraction'))} (threshold "
-                          f"{fmt(nn.get('threshold'))})")]
+        out: list = [Note(f"memorized fraction {fmt(nn.get('memorized_fraction'))} (95 % Wilson interval "
+                          f"[{fmt(nn.get('memorized_fraction_lower'))}, {fmt(nn.get('memorized_fraction_upper'))}]"
+                          f", threshold {fmt(nn.get('threshold'))})")]
         hist = nn.get("histogram") or {}
         if hist.get("counts"):
             out.append(Histogram(f"NN ratio histogram ({run})", hist["bin_edges"], hist["counts"], nn.get("threshold")))

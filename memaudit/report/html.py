@@ -23,6 +23,7 @@ from memaudit.metrics.base import RUN, Histogram, Note, PairGrid, Plot
 from memaudit.numbers import finite_or_none, fmt
 from memaudit.report.images import auto_upscale, image_grid, pairs_grid, save_png
 from memaudit.report.terminal import cell, run_columns, statements
+from memaudit.report.verdict import COLOURS, gates_line, severity, verdict_lines
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 REPORT_FILES = re.compile(r"(index\.html|report\.md|[a-z]+_[A-Za-z0-9_.-]*\.png)")
@@ -250,6 +251,28 @@ def _images_for_run(tmp: Path, fname: str, blocks: list, samples: Optional[Tenso
     return out
 
 
+CLUSTER_ROWS, CLUSTER_COLS = 16, 8
+DUPLICATES_PNG = "duplicates_clusters.png"
+
+
+def _duplicates_grid(tmp: Path, report: Mapping[str, Any], train: Optional[Tensor]) -> Optional[str]:
+    """duplicates_clusters.png: one row per near-duplicate cluster (at most 16 rows of 8 members; blank-padded)."""
+    clusters = ((report.get("data") or {}).get("duplicates") or {}).get("clusters") or []
+    if train is None or not len(train) or not clusters:
+        return None
+    import torch
+
+    rows = []
+    for members in clusters[:CLUSTER_ROWS]:
+        members = [m for m in members if 0 <= m < len(train)][:CLUSTER_COLS]
+        row = train[members].detach().cpu().float()
+        blank = torch.ones((CLUSTER_COLS - len(members),) + tuple(train.shape[1:]))
+        rows.append(torch.cat([row, blank]))
+    save_png(image_grid(torch.cat(rows), nrow=CLUSTER_COLS, upscale=auto_upscale(train.shape[-2])),
+             tmp / DUPLICATES_PNG)
+    return DUPLICATES_PNG
+
+
 def merged_plots(report: Mapping[str, Any]) -> list[Plot]:
     """Every metric's plots, those with the same title merged into one, in METRICS order."""
     merged: dict[str, Plot] = {}
@@ -305,6 +328,10 @@ td.pass, td.fail { color: #fff; font-weight: bold; }
 img.grid { image-rendering: pixelated; border: 1px solid #ccc; max-width: 100%; }
 svg.plot { margin: 0.5em 0; max-width: 100%; height: auto; }
 code { background: #f3f3f3; padding: 0 3px; }
+.verdict { border-left: 10px solid; padding: 0.6em 1em; margin: 1em 0; background: #fafafa; font-size: 17px; }
+.verdict p { margin: 0.35em 0; }
+.severity { font-weight: bold; text-transform: uppercase; }
+.gatesline { color: #444; }
 """
 
 
@@ -330,46 +357,67 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, Mapping[str, Any
     """The index.html text; `images` maps run name -> the image files written beside it."""
     model, data, settings = report.get("model", {}), report.get("data", {}), report.get("settings", {})
     status = report.get("status", "pass")
+    sev = severity(report.get("summary") or {})
     body = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         f"<title>memaudit scan: {esc(model.get('spec', ''))}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
         f"<h1>memaudit scan: {esc(model.get('spec', ''))}</h1>",
-        f'<p><span class="status {"pass" if status == "pass" else "fail"}">{esc(str(status).upper())}</span> '
-        f"{'' if report.get('gates') else '(no gates) '}"
-        f"schema <code>{esc(report.get('schema', ''))}</code>, memaudit {esc(report.get('memaudit_version', ''))}</p>",
-        "<h2>Setup</h2>",
-        _table(["", "value"], [
-            ("model", f"{model.get('spec', '')} ({model.get('kind', '')}), sigma in "
-                      f"[{fmt(model.get('sigma_min'))}, {fmt(model.get('sigma_max'))}], image shape {model.get('image_shape')}"),
-            ("training data", f"{data.get('path', '')}: {data.get('num_images', '')} images of shape {data.get('image_shape')}"),
-        ] + [(k, ", ".join(map(str, v)) if isinstance(v, list) else fmt(v) if isinstance(v, float) else v)
-             for k, v in sorted(settings.items())]),
-        "<h2>Summary</h2>",
+        f'<div class="verdict" style="border-color: {COLOURS[sev]}">',
+        f'<p><span class="severity" style="color: {COLOURS[sev]}">Memorization: {esc(sev)}</span> '
+        f"(high: the interval's lower end exceeds 1 %; low: its upper end is below 1 %)</p>",
     ]
-    runs = report.get("runs") or {}
-    headers, rows = _run_rows(report)
-    if rows:
-        body.append(_table(headers, rows))
-    body.append(_table(["metric", "value"], [(k, fmt(v, 6)) for k, v in (report.get("summary") or {}).items()]))
-    body.extend(f"<p>{esc(line)}</p>" for line in statements(report))
-    body.append("<h2>Gates</h2>")
+    body += [f"<p>{esc(line)}</p>" for line in verdict_lines(report)]
+    body += ["</div>",
+             f'<p class="gatesline"><span class="status {"pass" if status == "pass" else "fail"}">'
+             f"{esc(str(status).upper())}</span> {'(no gates) ' if not report.get('gates') else ''}"
+             f"{esc(gates_line(report))}</p>"]
     gate_rows = _gate_rows(report)
     if gate_rows:
         body.append(_table(["gate (fails when true)", "value", "result", "reason"],
                            [(e, v, f'<span class="status {r.lower()}">{r}</span>', why) for e, v, r, why in gate_rows],
                            raw_cols=[2]))
     else:
-        body.append("<p>No gates (pass <code>--fail-on METRIC&gt;NUMBER</code> to gate CI on a metric).</p>")
+        body.append("<p>No gates (pass <code>--fail-on METRIC&gt;NUMBER</code> to gate CI on a metric, e.g. "
+                    "<code>memorized_fraction_upper&gt;0.01</code>).</p>")
 
-    body.append("<h2>Per sampler</h2>")
+    runs = report.get("runs") or {}
+    body.append("<h2>Evidence per sampler</h2>")
     for name in sorted(runs):
         body.append(f"<h3>Sampler {esc(name)}</h3>")
         body.extend(_evidence_html(name, run_evidence(report, name), images.get(name) or {}))
+    dup = data.get("duplicates") or {}
+    if dup.get("num_clusters"):
+        body.append("<h2>Near-duplicate training images</h2>")
+        body.append(f"<p>{dup['num_clusters']} clusters hold {dup.get('num_images_in_clusters')} training images "
+                    f"(tolerance {fmt(dup.get('tolerance'))}); NN ratios use the nearest distinct image.</p>")
+        if images.get("_duplicates"):
+            body.append(f'<img class="grid" src="{esc(images["_duplicates"])}" alt="near-duplicate clusters, one '
+                        f'per row">')
+        body.append(_table(["cluster", "size", "training images"],
+                           [(k + 1, len(c), ", ".join(map(str, c[:20])) + (" ..." if len(c) > 20 else ""))
+                            for k, c in enumerate(dup.get("clusters") or [])]))
 
     plots = merged_plots(report)
     if plots:
         body.append("<h2>Curves over the noise level sigma</h2>")
         body.extend(_svg(plot, runs) for plot in plots)
+
+    body.append("<h2>All numbers</h2>")
+    headers, rows = _run_rows(report)
+    if rows:
+        body.append(_table(headers, rows))
+    body.append(_table(["metric", "value"], [(k, fmt(v, 6)) for k, v in (report.get("summary") or {}).items()]))
+    body.extend(f"<p>{esc(line)}</p>" for line in statements(report))
+    body += [
+        "<h2>Settings</h2>",
+        _table(["", "value"], [
+            ("model", f"{model.get('spec', '')} ({model.get('kind', '')}), sigma in "
+                      f"[{fmt(model.get('sigma_min'))}, {fmt(model.get('sigma_max'))}], image shape {model.get('image_shape')}"),
+            ("training data", f"{data.get('path', '')}: {data.get('num_images', '')} images of shape {data.get('image_shape')}"),
+        ] + [(k, ", ".join(map(str, v)) if isinstance(v, list) else fmt(v) if isinstance(v, float) else v)
+             for k, v in sorted(settings.items())]),
+        f"<p>schema <code>{esc(report.get('schema', ''))}</code>, memaudit {esc(report.get('memaudit_version', ''))}</p>",
+    ]
     body += ["</body>", "</html>", ""]
     return "\n".join(body)
 
@@ -386,8 +434,10 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, Mapping[str,
     """report.md: status, per-sampler table, summary metrics, statements, gates and the same images."""
     model, data = report.get("model", {}), report.get("data", {})
     lines = [f"# memaudit scan: {md(model.get('spec', ''))}", "",
+             f"**Memorization: {md(severity(report.get('summary') or {}))}**", ""]
+    lines += [f"- {md(line)}" for line in verdict_lines(report)] + ["",
              f"**Status: {md(str(report.get('status', 'pass')).upper())}**"
-             f"{'' if report.get('gates') else ' (no gates)'}", "",
+             f"{'' if report.get('gates') else ' (no gates)'}: {md(gates_line(report))}", "",
              f"Model {md(model.get('spec', ''))} ({md(model.get('kind', ''))}) on {md(data.get('path', ''))} "
              f"({md(data.get('num_images', ''))} images).", ""]
     headers, rows = _run_rows(report)
@@ -437,6 +487,9 @@ def write_html(report: Mapping[str, Any], folder: str | os.PathLike,
     with atomic_dir(folder) as tmp:
         images = {run: _images_for_run(tmp, names[run], run_evidence(report, run), samples.get(run), train,
                                        max_samples) for run in sorted(runs)}
+        duplicates_png = _duplicates_grid(tmp, report, train)
+        if duplicates_png:
+            images["_duplicates"] = duplicates_png
         write_text_atomic(tmp / "index.html", render_html(report, images))
         write_text_atomic(tmp / "report.md", render_markdown(report, images))
     return folder / "index.html"

@@ -1,5 +1,5 @@
-"""Terminal summary of a scan report (rich), drawn from the metric list: the per-sampler table takes the run
-metrics' columns, the lines below it their one-line statements. Plain ASCII without colour off a terminal."""
+"""Terminal summary of a scan report (rich), drawn from the metric list: the verdict first (memaudit.report.verdict),
+then the per-sampler table (a row per run-metric column, a column per sampler), the metrics' one-line statements. Plain ASCII without colour off a terminal."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.text import Text
 from memaudit.metrics import METRICS
 from memaudit.metrics.base import RUN
 from memaudit.numbers import finite_or_none, fmt
+from memaudit.report.verdict import verdict_lines
 
 
 def cell(column, section: Mapping) -> str:
@@ -71,21 +72,23 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
     for line in _data_lines(report):
         say(line)
 
+    for line in verdict_lines(report):
+        say(line)
     runs = report.get("runs") or {}
-    if runs:
+    if runs:  # one row per measure, one column per sampler: readable however many metrics there are
         table = _table("Memorization per sampler", styled)
-        table.add_column("sampler")
-        for _, column in run_columns():
-            table.add_column(column.header, justify="right")
+        table.add_column("measure")
         for name in sorted(runs):
-            run = runs[name] or {}
+            table.add_column(name, justify="right")
+        for metric, column in run_columns():
             cells = []
-            for metric, column in run_columns():
-                text = Text(cell(column, run.get(metric.name) or {}))
-                if styled and column.percent and finite_or_none(column.value(run.get(metric.name) or {})):
+            for name in sorted(runs):
+                section = (runs[name] or {}).get(metric.name) or {}
+                text = Text(cell(column, section))
+                if styled and column.percent and finite_or_none(column.value(section) if section else None):
                     text.stylize("red")
                 cells.append(text)
-            table.add_row(Text(name), *cells)
+            table.add_row(Text(column.header), *cells)
         console.print(table)
     else:
         say("no sampler runs")
