@@ -72,7 +72,8 @@ def measure(spec: str, train: torch.Tensor, held_out: torch.Tensor, samplers: tu
     return out
 
 
-def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int, base_steps: int) -> list[dict]:
+def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int, base_steps: int,
+             schedules=SCHEDULES, modes=("finetune", "scratch")) -> list[dict]:
     data = out / f"digits{size}.npz"
     with np.load(ROOT / "examples" / "digits" / "digits.npz") as npz:
         digits = npz["images"]
@@ -89,9 +90,9 @@ def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int, base
         sh("train", str(data), "--out", str(base), "--steps", str(base_steps), "--seed", "1", "--quiet")
     rows = []
     ks = [k for k in KS if k < size]  # K = 100 on 32 images is K = 32, all of them: the row would repeat K = 30
-    settings = [(None, None, False), (None, None, True)] + [(t, k, u) for t in SCHEDULES for k in ks
+    settings = [(None, None, False), (None, None, True)] + [(t, k, u) for t in schedules for k in ks
                                                             for u in (False, True)]
-    for mode in ("finetune", "scratch"):
+    for mode in modes:
         for schedule, k, uncond in settings:
             name = f"{mode}-{schedule or 'plain'}-{k or 0}-{'u' if uncond else 'c'}".replace("/", "_")
             folder, result = out / f"{size}" / name, out / f"{size}" / f"{name}.json"
@@ -169,12 +170,15 @@ def main() -> None:
     parser.add_argument("--sets", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--finetune-steps", type=int, default=2000)
     parser.add_argument("--scratch-steps", type=int, default=6000)
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
+    parser.add_argument("--modes", nargs="+", default=["finetune", "scratch"], choices=["finetune", "scratch"])
     parser.add_argument("--base-steps", type=int, default=6000, help="training steps of the fine-tuning rows' "
                         "starting model (32 images: the bundled examples/models/digits32, 6000 steps)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [r for size in args.sets
-            for r in run_grid(args.out, size, args.finetune_steps, args.scratch_steps, args.base_steps)]
+            for r in run_grid(args.out, size, args.finetune_steps, args.scratch_steps, args.base_steps,
+                              tuple(args.schedules), tuple(args.modes))]
     print(table(rows))
     print()
     print(best(rows))
