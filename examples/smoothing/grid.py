@@ -73,7 +73,7 @@ def measure(spec: str, train: torch.Tensor, held_out: torch.Tensor, samplers: tu
 
 
 def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int, base_steps: int,
-             schedules=SCHEDULES, modes=("finetune", "scratch")) -> list[dict]:
+             schedules=SCHEDULES, modes=("finetune", "scratch"), report_only: bool = False) -> list[dict]:
     data = out / f"digits{size}.npz"
     with np.load(ROOT / "examples" / "digits" / "digits.npz") as npz:
         digits = npz["images"]
@@ -86,7 +86,8 @@ def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int, base
     base = out / f"base{size}"  # the model the fine-tuning rows start from: unsmoothed, conditioned
     if size == 32:
         base = ROOT / "examples" / "models" / "digits32"  # 6000 steps on these 32 digits (it memorizes)
-    elif not (base / "model.safetensors").exists() or (base / "training_state.pt").exists():  # absent or unfinished
+    elif not report_only and (not (base / "model.safetensors").exists()
+                              or (base / "training_state.pt").exists()):  # absent or unfinished
         sh("train", str(data), "--out", str(base), "--steps", str(base_steps), "--seed", "1", "--quiet")
     rows = []
     ks = [k for k in KS if k < size]  # K = 100 on 32 images is K = 32, all of them: the row would repeat K = 30
@@ -98,6 +99,8 @@ def run_grid(out: Path, size: int, finetune_steps: int, scratch_steps: int, base
             folder, result = out / f"{size}" / name, out / f"{size}" / f"{name}.json"
             if result.exists():
                 rows.append(json.loads(result.read_text()))
+                continue
+            if report_only:
                 continue
             flags = (["--temperature", schedule, "--k", str(k)] if schedule else []) + \
                 (["--uncondition"] if uncond else [])
@@ -171,6 +174,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=2000)
     parser.add_argument("--scratch-steps", type=int, default=6000)
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
+    parser.add_argument("--report-only", action="store_true", help="print the tables of the rows done; train nothing")
     parser.add_argument("--modes", nargs="+", default=["finetune", "scratch"], choices=["finetune", "scratch"])
     parser.add_argument("--base-steps", type=int, default=6000, help="training steps of the fine-tuning rows' "
                         "starting model (32 images: the bundled examples/models/digits32, 6000 steps)")
@@ -178,7 +182,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [r for size in args.sets
             for r in run_grid(args.out, size, args.finetune_steps, args.scratch_steps, args.base_steps,
-                              tuple(args.schedules), tuple(args.modes))]
+                              tuple(args.schedules), tuple(args.modes), args.report_only)]
     print(table(rows))
     print()
     print(best(rows))
