@@ -88,10 +88,14 @@ TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow unpickling a wh
 SIGMA_MIN = typer.Option(None, "--sigma-min", help="Override the model's smallest valid sigma.")
 SIGMA_MAX = typer.Option(None, "--sigma-max", help="Override the model's largest valid sigma.")
 ROUND_TIMESTEPS = typer.Option(False, "--round-timesteps", help="Feed VP models integer timesteps.")
+MODEL_CONFIG = typer.Option(None, "--model-config", metavar="JSON|FILE",
+                            help="Network constructor arguments for checkpoints that do not save them "
+                                 "(denoising-diffusion-pytorch: '{\"unet\": {\"dim\": 64, ...}}'); inline JSON or a "
+                                 "file (default: model-config.json beside the checkpoint).")
 
 
 def load_checked_model(spec: str, train, device, *, param=None, schedule=None, factory=None, trust_pickle=False,
-                       sigma_min=None, sigma_max=None, round_timesteps=False):
+                       sigma_min=None, sigma_max=None, round_timesteps=False, model_config=None):
     """Load MODEL with the loader options and check one forward pass on the training images' shape."""
     from memaudit.models.load import check_model_on_data, load_model
 
@@ -99,7 +103,7 @@ def load_checked_model(spec: str, train, device, *, param=None, schedule=None, f
     positive(sigma_max, "--sigma-max")
     model = load_model(spec, device=device, param=param, schedule=schedule, factory=factory,
                        trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
-                       round_timesteps=round_timesteps, train=train)
+                       round_timesteps=round_timesteps, train=train, model_config=model_config)
     check_model_on_data(model, tuple(train.shape[1:]))
     if model.image_shape is None:  # TorchScript / state-dict networks take the data's shape
         model.image_shape = tuple(train.shape[1:])

@@ -16,7 +16,7 @@ from torch import nn
 
 from memaudit.denoiser import Denoiser, check_shape, fmt_shape
 from memaudit.errors import UserError, first_lines
-from memaudit.models import diffusers_loader, native, statedict, torchscript
+from memaudit.models import ddpm_pytorch, diffusers_loader, native, statedict, torchscript
 from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
 from memaudit.models.safe_pickle import safe_torch_load
 from memaudit.models.schedules import SCHEDULES, make_schedule, set_sigma_range
@@ -36,6 +36,7 @@ class LoadOptions:
     sigma_min: Optional[float] = None
     sigma_max: Optional[float] = None
     round_timesteps: bool = False
+    model_config: Optional[str] = None
 
     def network(self) -> dict:
         """The options that shape how a bare network is wrapped."""
@@ -66,6 +67,14 @@ def _load_torchscript(path: Path, o: LoadOptions) -> Denoiser:
     return wrap_network(torchscript.load_torchscript(path, o.device), path, "torchscript", **o.network())
 
 
+def _load_ddpm_pytorch(path: Path, o: LoadOptions) -> Denoiser:
+    _reject(o.factory, "--factory", path, "denoising-diffusion-pytorch")
+    denoiser = ddpm_pytorch.load_ddpm_pytorch(path, model_config=o.model_config, param=o.param, schedule=o.schedule)
+    denoiser.schedule.round_timesteps = bool(o.round_timesteps)
+    set_sigma_range(denoiser.schedule, o.sigma_min, o.sigma_max)
+    return denoiser
+
+
 def _load_file(fmt: str) -> Callable[[Path, LoadOptions], Denoiser]:
     def load(path: Path, o: LoadOptions) -> Denoiser:
         return wrap_network(load_file_network(path, o.factory, o.trust_pickle), path, fmt, **o.network())
@@ -85,6 +94,9 @@ FORMATS: dict[str, ModelFormat] = {
                              "diffusers UNet2DModel or pipeline folder with its scheduler config"),
     "torchscript": ModelFormat(lambda p: p.is_file() and torchscript.is_torchscript(p), _load_torchscript,
                                "TorchScript network net(x_in, noise_in) (needs --param and --schedule)"),
+    "ddpm-pytorch": ModelFormat(lambda p: p.is_file() and ddpm_pytorch.is_ddpm_checkpoint(p), _load_ddpm_pytorch,
+                                "denoising-diffusion-pytorch Trainer checkpoint model-N.pt (needs --model-config "
+                                "or model-config.json beside it)"),
     "safetensors": ModelFormat(lambda p: p.is_file() and statedict.is_safetensors(p), _load_file("safetensors"),
                                "state dict .safetensors (needs --factory, --param and --schedule)"),
     "torch": ModelFormat(lambda p: p.is_file() and _is_torch_file(p), _load_file("torch"),
@@ -93,16 +105,23 @@ FORMATS: dict[str, ModelFormat] = {
 }
 
 
+MODEL_CONFIG_FORMATS = ("ddpm-pytorch",)  # formats whose network's constructor arguments --model-config gives
+
+
 def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional[str] = None,
                schedule: Optional[str] = None, factory: Optional[str] = None, trust_pickle: bool = False,
                sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
-               round_timesteps: bool = False, train: Optional[torch.Tensor] = None) -> Denoiser:
+               round_timesteps: bool = False, train: Optional[torch.Tensor] = None,
+               model_config: Optional[str] = None) -> Denoiser:
     """The model named by `spec` (a path, or "empirical[:...]" built on `train`) as D(x, sigma), eval mode."""
     if is_empirical_spec(spec):
         return load_empirical(spec, train, device)
     path = Path(spec).expanduser()
     fmt = detect_format(path)
-    options = LoadOptions(device, param, schedule, factory, trust_pickle, sigma_min, sigma_max, round_timesteps)
+    options = LoadOptions(device, param, schedule, factory, trust_pickle, sigma_min, sigma_max, round_timesteps,
+                          model_config)
+    if model_config is not None and fmt not in MODEL_CONFIG_FORMATS:
+        raise UserError(f"--model-config does not apply to {path}: it is a {fmt} model")
     denoiser = FORMATS[fmt].load(path, options)
     if fmt != "native" and (sigma_min is not None or sigma_max is not None):
         check_timestep_range(denoiser.schedule, sigma_min, sigma_max)

@@ -24,7 +24,7 @@ from torch import nn
 
 from memaudit.atomic import atomic_dir, check_writable
 from memaudit.errors import UserError, first_lines
-from memaudit.models import diffusers_loader, statedict, torchscript
+from memaudit.models import ddpm_pytorch, diffusers_loader, statedict, torchscript
 from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
 from memaudit.models.schedules import SCHEDULES, Schedule, make_schedule
 from memaudit.models.unet import UNet
@@ -40,6 +40,7 @@ ARCHITECTURES: dict[str, Callable[[dict, Path], nn.Module]] = {
     "factory": statedict.network_from_native,
     "torchscript": torchscript.network_from_native,
     "diffusers": diffusers_loader.network_from_native,
+    "ddpm-pytorch": ddpm_pytorch.network_from_native,
 }
 
 
