@@ -138,6 +138,16 @@ def make_checkpoint(fmt: str, tmp_path: Path) -> tuple[str, dict]:
         torch.save({"step": 0, "model": diffusion.state_dict()}, str(tmp_path / "model-1.pt"))
         (tmp_path / "model-config.json").write_text(json.dumps({"unet": unet}))
         return str(tmp_path / "model-1.pt"), {}
+    if fmt == "k-diffusion":
+        K = pytest.importorskip("k_diffusion")
+        config = K.config.load_config({"model": {
+            "type": "image_v1", "input_channels": 1, "input_size": [8, 8], "mapping_out": 8, "depths": [1, 1],
+            "channels": [4, 8], "self_attn_depths": [False, False], "sigma_min": 0.01, "sigma_max": 80},
+            "dataset": {"type": "imagefolder"}})
+        inner = K.config.make_model(config)
+        torch.save({"config": config, "model": inner.state_dict(), "model_ema": inner.state_dict()},
+                   str(tmp_path / "run.pth"))
+        return str(tmp_path / "run.pth"), {}
     if fmt == "torchscript":
         torch.jit.script(net).save(str(tmp_path / "net.pt"))
         return str(tmp_path / "net.pt"), opts

@@ -375,3 +375,16 @@ def test_empirical_spec_builds_the_closed_form_denoiser():
     assert isinstance(load_model("empirical", train=train), EmpiricalDenoiser)
     with pytest.raises(UserError, match="training data"):
         load_model("empirical")
+
+
+def test_kdiffusion_checkpoint_without_the_library_is_a_clear_error(tmp_path, monkeypatch):
+    """Detected from its pickle's names alone; loading says how to install k-diffusion."""
+    path = tmp_path / "run_00001000.pth"
+    state = {"proj_in.weight": torch.zeros(4, 1, 1, 1)}
+    torch.save({"config": {"model": {"type": "image_v1"}}, "model": state, "model_ema": state}, str(path))
+    from memaudit.models.load import detect_format
+
+    assert detect_format(path) == "k-diffusion"
+    monkeypatch.setitem(sys.modules, "k_diffusion", None)  # as if not installed
+    with pytest.raises(UserError, match=r"pip install 'memaudit\[kdiffusion\]'"):
+        load_model(str(path))

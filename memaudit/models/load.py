@@ -16,7 +16,7 @@ from torch import nn
 
 from memaudit.denoiser import Denoiser, check_shape, fmt_shape
 from memaudit.errors import UserError, first_lines
-from memaudit.models import ddpm_pytorch, diffusers_loader, native, statedict, torchscript
+from memaudit.models import ddpm_pytorch, diffusers_loader, kdiffusion, native, statedict, torchscript
 from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
 from memaudit.models.safe_pickle import safe_torch_load
 from memaudit.models.schedules import SCHEDULES, make_schedule, set_sigma_range
@@ -75,6 +75,14 @@ def _load_ddpm_pytorch(path: Path, o: LoadOptions) -> Denoiser:
     return denoiser
 
 
+def _load_kdiffusion(path: Path, o: LoadOptions) -> Denoiser:
+    _reject(o.factory, "--factory", path, "k-diffusion")
+    denoiser = kdiffusion.load_kdiffusion(path, model_config=o.model_config, param=o.param, schedule=o.schedule)
+    check_within(o.sigma_min, o.sigma_max, denoiser.sigma_min, denoiser.sigma_max, f"of {path}'s config")
+    set_sigma_range(denoiser.schedule, o.sigma_min, o.sigma_max)
+    return denoiser
+
+
 def _load_file(fmt: str) -> Callable[[Path, LoadOptions], Denoiser]:
     def load(path: Path, o: LoadOptions) -> Denoiser:
         return wrap_network(load_file_network(path, o.factory, o.trust_pickle), path, fmt, **o.network())
@@ -97,6 +105,8 @@ FORMATS: dict[str, ModelFormat] = {
     "ddpm-pytorch": ModelFormat(lambda p: p.is_file() and ddpm_pytorch.is_ddpm_checkpoint(p), _load_ddpm_pytorch,
                                 "denoising-diffusion-pytorch Trainer checkpoint model-N.pt (needs --model-config "
                                 "or model-config.json beside it)"),
+    "k-diffusion": ModelFormat(lambda p: p.is_file() and kdiffusion.is_kdiffusion_checkpoint(p), _load_kdiffusion,
+                               "k-diffusion train.py checkpoint (config + model_ema; --model-config for old ones)"),
     "safetensors": ModelFormat(lambda p: p.is_file() and statedict.is_safetensors(p), _load_file("safetensors"),
                                "state dict .safetensors (needs --factory, --param and --schedule)"),
     "torch": ModelFormat(lambda p: p.is_file() and _is_torch_file(p), _load_file("torch"),
@@ -105,7 +115,7 @@ FORMATS: dict[str, ModelFormat] = {
 }
 
 
-MODEL_CONFIG_FORMATS = ("ddpm-pytorch",)  # formats whose network's constructor arguments --model-config gives
+MODEL_CONFIG_FORMATS = ("ddpm-pytorch", "k-diffusion")  # formats whose network's constructor arguments --model-config gives
 
 
 def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional[str] = None,
