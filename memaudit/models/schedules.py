@@ -51,6 +51,7 @@ class Schedule:
     sigma_data: float = 0.5
     alphas_cumprod: Tensor | None = field(default=None, repr=False)
     round_timesteps: bool = False
+    interpolation: str = "log"  # between VP timesteps: "log" sigma (k-diffusion) or "linear" sigma (diffusers' Euler)
 
     def c_in(self, sigma: Tensor) -> Tensor:
         """Factor the network's input is multiplied by: 1/sqrt(1+sigma^2) (VP), 1 (VE), 1/sqrt(sigma^2+sd^2) (EDM)."""
@@ -67,9 +68,12 @@ class Schedule:
         return torch.sqrt((1 - abar) / abar)
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        """Fractional timestep whose log sigma interpolates linearly between discrete timesteps."""
-        log_sigmas = self.discrete_sigmas.log().to(sigma.device)
-        log_sigma = sigma.double().clamp(min=1e-30).log()
+        """Fractional timestep whose log sigma (or sigma, interpolation "linear") interpolates linearly between
+        discrete timesteps."""
+        linear = self.interpolation == "linear"
+        log_sigmas = self.discrete_sigmas.to(sigma.device)
+        log_sigmas = log_sigmas if linear else log_sigmas.log()
+        log_sigma = sigma.double() if linear else sigma.double().clamp(min=1e-30).log()
         idx = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
         lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
         frac = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
