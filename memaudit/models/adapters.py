@@ -84,6 +84,8 @@ class NetworkDenoiser(Denoiser):
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         x_in, noise_in = self.network_inputs(x, sigma)
         out = network_output(self.net(x_in, noise_in))
+        if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
+            out = out[:, : x.shape[1]]  # a learned-variance output (guided-diffusion, diffusers): the mean part
         if out.shape != x.shape:
             raise UserError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
         denoised = to_denoised(self.param, out.to(x.dtype), x, expand_like(sigma, x), self.schedule.sigma_data)

@@ -18,6 +18,7 @@ from memaudit.denoiser import Denoiser, check_shape, fmt_shape
 from memaudit.errors import UserError, first_lines
 from memaudit.models import ddpm_pytorch, diffusers_loader, kdiffusion, native, statedict, torchscript
 from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
+from memaudit.models.json_args import read_json_arg
 from memaudit.models.safe_pickle import safe_torch_load
 from memaudit.models.schedules import SCHEDULES, make_schedule, set_sigma_range
 
@@ -37,6 +38,7 @@ class LoadOptions:
     sigma_max: Optional[float] = None
     round_timesteps: bool = False
     model_config: Optional[str] = None
+    factory_args: Optional[str] = None
 
     def network(self) -> dict:
         """The options that shape how a bare network is wrapped."""
@@ -85,7 +87,8 @@ def _load_kdiffusion(path: Path, o: LoadOptions) -> Denoiser:
 
 def _load_file(fmt: str) -> Callable[[Path, LoadOptions], Denoiser]:
     def load(path: Path, o: LoadOptions) -> Denoiser:
-        return wrap_network(load_file_network(path, o.factory, o.trust_pickle), path, fmt, **o.network())
+        args = read_json_arg(o.factory_args, "--factory-args")
+        return wrap_network(load_file_network(path, o.factory, o.trust_pickle, args), path, fmt, **o.network())
     return load
 
 
@@ -122,14 +125,17 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional
                schedule: Optional[str] = None, factory: Optional[str] = None, trust_pickle: bool = False,
                sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                round_timesteps: bool = False, train: Optional[torch.Tensor] = None,
-               model_config: Optional[str] = None) -> Denoiser:
+               model_config: Optional[str] = None, factory_args: Optional[str] = None) -> Denoiser:
     """The model named by `spec` (a path, or "empirical[:...]" built on `train`) as D(x, sigma), eval mode."""
     if is_empirical_spec(spec):
         return load_empirical(spec, train, device)
     path = Path(spec).expanduser()
     fmt = detect_format(path)
     options = LoadOptions(device, param, schedule, factory, trust_pickle, sigma_min, sigma_max, round_timesteps,
-                          model_config)
+                          model_config, factory_args)
+    if factory_args is not None and (factory is None or fmt not in ("safetensors", "torch")):
+        raise UserError("--factory-args gives the arguments of --factory, for a state-dict file: "
+                        + ("pass --factory too" if factory is None else f"{path} is a {fmt} model"))
     if model_config is not None and fmt not in MODEL_CONFIG_FORMATS:
         raise UserError(f"--model-config does not apply to {path}: it is a {fmt} model")
     denoiser = FORMATS[fmt].load(path, options)
@@ -214,12 +220,16 @@ def check_torch_file(path: Path) -> None:
                     "diffusers), a TorchScript or torch.save file, or a .safetensors state dict")
 
 
-def load_file_network(path: Path, factory: Optional[str], trust_pickle: bool) -> nn.Module:
-    """A state-dict file loaded into the --factory network, or (with trust_pickle) a whole pickled module."""
+def load_file_network(path: Path, factory: Optional[str], trust_pickle: bool,
+                      factory_args: Optional[dict] = None) -> nn.Module:
+    """A state-dict file loaded into the --factory network, or (with trust_pickle) a whole pickled module, also
+    one a training snapshot holds under a usual key (EDM's network-snapshot pickles: 'ema')."""
     if factory is not None:
-        return statedict.load_factory_network(path, factory, trust_pickle=trust_pickle)
+        return statedict.load_factory_network(path, factory, trust_pickle=trust_pickle, args=factory_args)
     if not statedict.is_safetensors(path):
         obj = safe_torch_load(path, trust_pickle=trust_pickle)
+        if isinstance(obj, dict):
+            obj = next((obj[k] for k in statedict.STATE_DICT_KEYS if isinstance(obj.get(k), nn.Module)), obj)
         if isinstance(obj, nn.Module):
             return obj
     raise UserError(f"{path} holds weights, not a network: pass --factory package.module:function "
