@@ -195,3 +195,17 @@ def test_missing_model_config_names_the_flag(tmp_path, capsys):
     np.save(data, np.zeros((4, 8, 8), dtype=np.uint8))
     code, _, err = run_cli(capsys, "scan", path, data, "--quiet")
     assert code == 2 and "--model-config" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_library
+def test_inspect_shows_what_the_checkpoint_records(tmp_path, capsys):
+    path = tmp_path / "model-1.pt"
+    train_and_save(path, make_diffusion("pred_v", "sigmoid"), steps=1)
+    (tmp_path / "model-config.json").write_text(json.dumps({"unet": UNET, "diffusion": {"image_size": 8}}))
+    code, out, err = run_cli(capsys, "inspect", path, "--json")
+    info = json.loads(out)
+    assert code == 0, err
+    assert (info["format"], info["parameterisation"], info["image_shape"]) == ("ddpm-pytorch", "v", [1, 8, 8])
+    assert info["schedule"]["timesteps"] == TIMESTEPS and "own alphas_cumprod" in info["schedule"]["summary"]
+    code, _, err = run_cli(capsys, "inspect", path, "--model-config", '{"unet": {"dim": 4}}')
+    assert code == 2 and "--model-config" in err and len(err.strip().splitlines()) == 1

@@ -117,3 +117,15 @@ def test_scans_through_the_cli(tmp_path, capsys):
                              "--skip", "jacobian", "--fid", "off", "--quiet", "--json", tmp_path / "r.json")
     assert code == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["model"]["kind"] == "k-diffusion"
+
+
+def test_inspect_shows_the_config(tmp_path, capsys):
+    path = tmp_path / "run.pth"
+    train_and_save(path, steps=1)
+    code, out, err = run_cli(capsys, "inspect", path, "--json")
+    info = json.loads(out)
+    assert code == 0, err
+    assert (info["format"], info["parameterisation"], info["image_shape"]) == ("k-diffusion", "edm", [1, 8, 8])
+    assert (info["sigma_min"], info["sigma_max"], info["schedule"]["sigma_data"]) == (0.01, 80.0, 0.5)
+    code, _, err = run_cli(capsys, "inspect", path, "--schedule", "edm")
+    assert code == 2 and "drop --schedule edm" in err
