@@ -83,12 +83,15 @@ class Schedule:
         return t.to(sigma.dtype)
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
-        """Inverse of sigma_to_t: interpolate log sigma at fractional timestep t."""
-        log_sigmas = self.discrete_sigmas.log().to(t.device)
-        lo = t.double().floor().long().clamp(0, len(log_sigmas) - 1)
-        hi = (lo + 1).clamp(max=len(log_sigmas) - 1)
+        """Inverse of sigma_to_t: interpolate log sigma (or sigma, interpolation "linear") at fractional timestep t."""
+        linear = self.interpolation == "linear"
+        sigmas = self.discrete_sigmas.to(t.device)
+        values = sigmas if linear else sigmas.log()
+        lo = t.double().floor().long().clamp(0, len(values) - 1)
+        hi = (lo + 1).clamp(max=len(values) - 1)
         frac = t.double() - lo.double()
-        return ((1 - frac) * log_sigmas[lo] + frac * log_sigmas[hi]).exp().to(t.dtype)
+        value = (1 - frac) * values[lo] + frac * values[hi]
+        return (value if linear else value.exp()).to(t.dtype)
 
 
 def vp_schedule(kind: str, betas: Tensor, round_timesteps: bool = False) -> Schedule:
