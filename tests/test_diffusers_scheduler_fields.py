@@ -19,7 +19,8 @@ from memaudit.models.load import load_model
 from tests.cli_helpers import run_cli
 
 diffusers = pytest.importorskip("diffusers")
-pytestmark = pytest.mark.slow  # importing diffusers takes a few seconds
+pytestmark = [pytest.mark.slow,  # importing diffusers takes a few seconds
+              pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")]  # diffusers' numpy 2 calls
 
 
 @pytest.fixture(scope="module")
