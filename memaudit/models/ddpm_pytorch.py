@@ -64,7 +64,8 @@ def read_config(path: Path, model_config: Optional[str]) -> dict:
         config = parse_json_object((path.parent / CONFIG_NAME).read_text(), str(path.parent / CONFIG_NAME))
     else:
         raise UserError(f"{path} is a denoising-diffusion-pytorch checkpoint; its Unet's constructor arguments are "
-                        f"not saved in it: pass --model-config '{{\"unet\": {{\"dim\": 64, \"dim_mults\": [1, 2, 4, 8]}}}}' "
+                        "not saved in it: pass --model-config "
+                        "'{\"unet\": {\"dim\": 64, \"dim_mults\": [1, 2, 4, 8]}}' "
                         f"(or a JSON file), or put {CONFIG_NAME} beside it")
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown or not isinstance(config.get("unet"), dict):
@@ -183,5 +184,6 @@ def load_ddpm_pytorch(path: Path, *, model_config: Optional[str] = None, param: 
     unet = build_unet(config["unet"], path)
     net_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     load_strict(unet, net_state, f"{path} (its Unet weights, with --model-config)")
-    denoiser = NetworkDenoiser(DDPMUnetNet(unet, config["unet"]), recorded, sched, image_shape=image_shape_of(config, unet))
+    denoiser = NetworkDenoiser(DDPMUnetNet(unet, config["unet"]), recorded, sched,
+                               image_shape=image_shape_of(config, unet))
     return denoiser.eval()

@@ -1,7 +1,9 @@
 """Load any supported checkpoint as a Denoiser D(x, sigma), detecting its format, and check it on the data.
 
 Formats: memaudit native folder; diffusers UNet2DModel folder (+ scheduler config); TorchScript archive;
-state dict (.safetensors or torch file) + --factory; a whole pickled nn.Module only with --trust-pickle;
+denoising-diffusion-pytorch Trainer checkpoint (+ --model-config); k-diffusion train.py checkpoint;
+state dict (.safetensors or torch file) + --factory [--factory-args]; a whole pickled nn.Module (or a plain
+pickle holding one) only with --trust-pickle;
 "empirical[:T=..,k=..]" for the closed-form denoiser of the training set. Pickles are read weights-only.
 """
 
@@ -118,7 +120,7 @@ FORMATS: dict[str, ModelFormat] = {
 }
 
 
-MODEL_CONFIG_FORMATS = ("ddpm-pytorch", "k-diffusion")  # formats whose network's constructor arguments --model-config gives
+MODEL_CONFIG_FORMATS = ("ddpm-pytorch", "k-diffusion")  # the formats --model-config applies to
 
 
 def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional[str] = None,

@@ -1,8 +1,9 @@
 """State-dict checkpoints: a user factory builds the network, the file supplies its weights (strictly).
 
 --factory is "package.module:function" or "path/to/file.py:function"; the function is called with the keyword
-arguments of --factory-args (a JSON object, none by default) and must return an nn.Module net(x_in, noise_in). Weights come from a .safetensors file or a
-torch file read with weights_only=True; a dict holding the state dict under a usual key is accepted too.
+arguments of --factory-args (a JSON object, none by default) and must return an nn.Module net(x_in, noise_in).
+Weights come from a .safetensors file or a torch file read with weights_only=True; a dict holding the state dict
+under a usual key is accepted too. A key mismatch that one prefix explains names the prefix to strip or add.
 """
 
 from __future__ import annotations
