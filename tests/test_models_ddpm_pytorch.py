@@ -56,11 +56,12 @@ def train_and_save(path, diffusion, steps: int = 30):
     return ema.ema_model
 
 
-def library_x0(diffusion, x, t: int):
-    """The library's D: x0 predicted from x_t = x / sqrt(1 + sigma_t^2) at timestep t."""
+def library_x0(diffusion, x, t: int, clip: bool = True):
+    """The library's D: x0 predicted from x_t = x / sqrt(1 + sigma_t^2) at timestep t, clipped to [-1, 1] as its
+    samplers (p_sample, ddim_sample) clip it."""
     sigma = diffusion.sqrt_recipm1_alphas_cumprod[t]
     times = torch.full((x.shape[0],), t, dtype=torch.long)
-    return diffusion.model_predictions(x / torch.sqrt(1 + sigma**2), times).pred_x_start
+    return diffusion.model_predictions(x / torch.sqrt(1 + sigma**2), times, clip_x_start=clip).pred_x_start
 
 
 @needs_library
@@ -96,13 +97,18 @@ def test_raw_weights_and_inline_config(tmp_path):
     path = tmp_path / "model-2.pt"
     diffusion = make_diffusion("pred_noise")
     train_and_save(path, diffusion)
-    config = json.dumps({"unet": UNET, "weights": "model", "diffusion": {"objective": "pred_noise"}})
+    config = json.dumps({"unet": UNET, "weights": "model", "diffusion": {"objective": "pred_noise"},
+                         "clip_x_start": False})
     model = load_model(str(path), model_config=config)
+    assert model.x0_limit is None
     reference = diffusion.eval()
-    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
-    sigma = float(reference.sqrt_recipm1_alphas_cumprod[7])
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float32) * 3
     with torch.no_grad():
-        torch.testing.assert_close(model(x, sigma), library_x0(reference, x, 7), atol=1e-5, rtol=0)
+        for t in (7, TIMESTEPS - 1):
+            sigma = float(reference.sqrt_recipm1_alphas_cumprod[t])
+            expected = library_x0(reference, x, t, clip=False)
+            assert expected.abs().max() > 1  # unclipped indeed
+            torch.testing.assert_close(model(x, sigma), expected, atol=1e-5 * max(1.0, sigma), rtol=0)
 
 
 @needs_library

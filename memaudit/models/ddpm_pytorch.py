@@ -5,8 +5,10 @@ and loss_weight, from which the objective follows (snr = abar / (1 - abar), g = 
   pred_noise: loss_weight = min(snr, g) / snr,  pred_x0: min(snr, g),  pred_v: min(snr, g) / (snr + 1).
 The network is unet(x_vp, t), x_vp = x / sqrt(1 + sigma^2) (the library's normalised [-1, 1] images), so
 D = x - sigma eps (pred_noise), D = F (pred_x0), D = abar x - sigma sqrt(abar) v (pred_v), as in schedules.py.
-The Unet's constructor arguments come from a JSON object {"unet": {...}, "diffusion": {...}, "weights": "ema"}
-(--model-config, or model-config.json beside the checkpoint). The file is read weights-only, never unpickled.
+The library's samplers (p_sample, ddim_sample) clip x0 to [-1, 1], so D is clipped too unless the config says
+"clip_x_start": false. The Unet's constructor arguments come from a JSON object {"unet": {...}, "diffusion":
+{...}, "weights": "ema", "clip_x_start": true} (--model-config, or model-config.json beside the checkpoint).
+The file is read weights-only, never unpickled.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from memaudit.models.json_args import parse_json_object, read_json_arg
 from memaudit.models.safe_pickle import safe_torch_load
 from memaudit.models.schedules import Schedule
 from memaudit.models.statedict import load_strict
+from memaudit.models.x0_limits import X0Limit
 
 CONFIG_NAME = "model-config.json"
 OBJECTIVES = {"pred_noise": "eps", "pred_x0": "x0", "pred_v": "v"}
-CONFIG_KEYS = ("unet", "diffusion", "weights")
+CONFIG_KEYS = ("unet", "diffusion", "weights", "clip_x_start")
 WEIGHTS = ("ema", "model")
 # GaussianDiffusion buffers that identify such a state dict (the Trainer saves it under 'model' and, in its EMA
 # copy, under 'ema' with the prefix 'ema_model.').
@@ -72,6 +75,8 @@ def read_config(path: Path, model_config: Optional[str]) -> dict:
         raise UserError(f"--model-config for {path}: expected {{\"unet\": {{Unet arguments}}, \"diffusion\": "
                         f"{{\"image_size\": N, \"objective\": ...}}, \"weights\": \"ema\"|\"model\"}}"
                         + (f"; unknown keys {', '.join(unknown)}" if unknown else "; 'unet' is missing"))
+    if not isinstance(config.get("clip_x_start", True), bool):
+        raise UserError(f"--model-config: clip_x_start must be true or false, not {config['clip_x_start']!r}")
     if config.get("weights", "ema") not in WEIGHTS:
         raise UserError(f"--model-config: weights must be one of {', '.join(WEIGHTS)}, not {config['weights']!r}")
     return config
@@ -184,6 +189,7 @@ def load_ddpm_pytorch(path: Path, *, model_config: Optional[str] = None, param: 
     unet = build_unet(config["unet"], path)
     net_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     load_strict(unet, net_state, f"{path} (its Unet weights, with --model-config)")
+    limit = X0Limit("clip", 1.0) if config.get("clip_x_start", True) else None
     denoiser = NetworkDenoiser(DDPMUnetNet(unet, config["unet"]), recorded, sched,
-                               image_shape=image_shape_of(config, unet))
+                               image_shape=image_shape_of(config, unet), x0_limit=limit)
     return denoiser.eval()
