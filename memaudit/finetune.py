@@ -39,6 +39,10 @@ def uncondition(denoiser: NetworkDenoiser, value: float) -> NetworkDenoiser:
 def trainable(model: Denoiser) -> NetworkDenoiser:
     """The model as a NetworkDenoiser that can be fine-tuned and saved natively, or a UserError."""
     if not isinstance(model, NetworkDenoiser):
+        fmt = (getattr(model, "source", None) or {}).get("format")
+        if fmt is not None:
+            raise UserError(f"a {fmt} model cannot be fine-tuned by memaudit (it is scanned through its own "
+                            "library's denoiser); scan it, or fine-tune it with that library")
         raise UserError("only a network can be fine-tuned; the closed-form empirical model has no weights "
                         "(use it directly as a model, e.g. empirical:kernel=0.2)")
     native_config(model)  # fails now, not after training, if the architecture cannot be saved

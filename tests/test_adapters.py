@@ -182,3 +182,15 @@ def test_textbook_vp_networks_match_eps_network(kind, target):
     expected = NetworkDenoiser(eps_net, "eps", sched)(x, sigma)
     textbook = NetworkDenoiser(TextbookNet(eps_net, numpy_alphas_cumprod(kind), target), target, sched)
     torch.testing.assert_close(textbook(x, sigma), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("interpolation", ["log", "linear"])
+def test_fractional_timesteps_round_trip_and_linear_matches_np_interp(interpolation):
+    sched = make_schedule("vp-linear:steps=50")
+    sched.interpolation = interpolation
+    t = torch.tensor([0.0, 0.3, 7.5, 20.25, 48.9, 49.0], dtype=torch.float64)
+    sigma = sched.t_to_sigma(t)
+    torch.testing.assert_close(sched.sigma_to_t(sigma), t, atol=1e-9, rtol=0)
+    if interpolation == "linear":  # diffusers' Euler: np.interp(t, arange(T), sigmas)
+        expected = np.interp(t.numpy(), np.arange(50), sched.discrete_sigmas.numpy())
+        np.testing.assert_allclose(sigma.numpy(), expected, rtol=1e-12)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import math
 from pathlib import Path
 
@@ -129,6 +130,24 @@ def make_checkpoint(fmt: str, tmp_path: Path) -> tuple[str, dict]:
         unet.save_pretrained(tmp_path / "diff")
         diffusers.DDPMScheduler().save_pretrained(tmp_path / "diff")
         return str(tmp_path / "diff"), {}
+    if fmt == "ddpm-pytorch":
+        ddpm = pytest.importorskip("denoising_diffusion_pytorch")
+        torch.manual_seed(0)
+        unet = {"dim": 8, "dim_mults": [1, 2], "channels": 1}
+        diffusion = ddpm.GaussianDiffusion(ddpm.Unet(**unet), image_size=8, timesteps=20, objective="pred_noise")
+        torch.save({"step": 0, "model": diffusion.state_dict()}, str(tmp_path / "model-1.pt"))
+        (tmp_path / "model-config.json").write_text(json.dumps({"unet": unet}))
+        return str(tmp_path / "model-1.pt"), {}
+    if fmt == "k-diffusion":
+        K = pytest.importorskip("k_diffusion")
+        config = K.config.load_config({"model": {
+            "type": "image_v1", "input_channels": 1, "input_size": [8, 8], "mapping_out": 8, "depths": [1, 1],
+            "channels": [4, 8], "self_attn_depths": [False, False], "sigma_min": 0.01, "sigma_max": 80},
+            "dataset": {"type": "imagefolder"}})
+        inner = K.config.make_model(config)
+        torch.save({"config": config, "model": inner.state_dict(), "model_ema": inner.state_dict()},
+                   str(tmp_path / "run.pth"))
+        return str(tmp_path / "run.pth"), {}
     if fmt == "torchscript":
         torch.jit.script(net).save(str(tmp_path / "net.pt"))
         return str(tmp_path / "net.pt"), opts

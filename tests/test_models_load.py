@@ -60,6 +60,37 @@ def build_nan():
     return NaNNet(1)
 
 
+def build_with(channels=1, seed=0):
+    torch.manual_seed(seed)
+    return TinyNet(channels)
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = build()
+
+    def forward(self, x, noise_in):
+        return self.inner(x, noise_in)
+
+
+class LearnedVariance(TinyNet):
+    """Mean and variance channels, as guided-diffusion's learn_sigma nets return."""
+
+    def forward(self, x, noise_in):
+        out = super().forward(x, noise_in)
+        return torch.cat([out, torch.full_like(out, 7.0)], dim=1)
+
+
+def build_wrapped():
+    return Wrapped()
+
+
+def build_learned_variance():
+    torch.manual_seed(0)
+    return LearnedVariance(1)
+
+
 def not_module():
     return 3
 
@@ -188,17 +219,19 @@ def test_diffusers_folder_matches_direct_unet_calls_and_survives_native(tmp_path
     denoiser = load_model(str(tmp_path / "pipe"))
     assert (denoiser.param, denoiser.image_shape) == ("v", (1, 8, 8))
     abar = numpy_cosine_abar(100)
-    np.testing.assert_allclose(denoiser.schedule.alphas_cumprod.numpy(), abar, rtol=1e-12)
-    np.testing.assert_allclose(abar, scheduler.alphas_cumprod.numpy(), rtol=1e-4)  # diffusers' own, in float32
+    # diffusers' own abar (float32, what its sampler uses), within float32 of the closed form
+    np.testing.assert_array_equal(denoiser.schedule.alphas_cumprod.numpy(), scheduler.alphas_cumprod.numpy())
+    np.testing.assert_allclose(denoiser.schedule.alphas_cumprod.numpy(), abar, rtol=1e-4)
 
     steps = [0, 3, 50, 99]
-    a = torch.tensor(abar[steps], dtype=torch.float32)[:, None, None, None]
+    a = scheduler.alphas_cumprod[steps][:, None, None, None]
     sigma = torch.sqrt((1 - a) / a).flatten()
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * (1 + sigma[:, None, None, None])
     with torch.no_grad():
         x_t = torch.sqrt(a) * x  # VP input x / sqrt(1 + sigma^2)
         v = unet(x_t, torch.tensor(steps, dtype=torch.float32)).sample
         expected = torch.sqrt(a) * x_t - torch.sqrt(1 - a) * v  # x0 = sqrt(a) x_t - sqrt(1 - a) v
+        expected = expected.clamp(-1, 1)  # DDPMScheduler's default clip_sample=True, as its step clips x0
         torch.testing.assert_close(denoiser(x, sigma), expected, atol=1e-4, rtol=1e-4)
 
     save_native(denoiser, tmp_path / "native")
@@ -214,9 +247,13 @@ def test_diffusers_folder_matches_direct_unet_calls_and_survives_native(tmp_path
     diffusers.DDPMScheduler().save_pretrained(flat)
     eps_model = load_model(str(flat))
     assert eps_model.param == "eps"
-    assert torch.equal(eps_model.schedule.alphas_cumprod, make_schedule("vp-linear").alphas_cumprod)
-    save_native(eps_model, tmp_path / "n2")  # the default DDPM schedule needs no alphas_cumprod in config
-    assert "alphas_cumprod" not in json.loads((tmp_path / "n2" / CONFIG_NAME).read_text())
+    torch.testing.assert_close(eps_model.schedule.alphas_cumprod, make_schedule("vp-linear").alphas_cumprod,
+                               rtol=1e-4, atol=0)  # diffusers' float32 cumprod of DDPM's linear betas
+    assert eps_model.x0_limit.describe() == "x0 clipped to [-1, 1]"  # DDPMScheduler's default clip_sample=True
+    save_native(eps_model, tmp_path / "n2")  # the float32 schedule and the clipping survive a native round trip
+    again = load_model(str(tmp_path / "n2"))
+    assert torch.equal(again.schedule.alphas_cumprod, eps_model.schedule.alphas_cumprod)
+    assert again.x0_limit == eps_model.x0_limit
 
 
 def test_diffusers_missing_gives_install_hint(tmp_path, monkeypatch):
@@ -310,7 +347,7 @@ def test_path_and_format_errors(tiny, tmp_path):
     save_file(net.state_dict(), str(tmp_path / "sd.safetensors"))
     one_line_error("pass --factory", tmp_path / "sd.safetensors")
     torch.jit.script(net).save(str(tmp_path / "ts.pt"))
-    one_line_error(r"torchscript model .*--param eps\|x0\|v\|score\|edm and --schedule vp-linear\|vp-cosine",
+    one_line_error(r"torchscript model .*--param eps\|x0\|v\|score\|edm and --schedule vp-linear\|vp-scaled-linear\|vp-cosine",
                    tmp_path / "ts.pt")
     one_line_error("--factory does not apply", tmp_path / "ts.pt", factory=f"{MODULE}:build", param="eps",
                    schedule="ve")
@@ -375,3 +412,96 @@ def test_empirical_spec_builds_the_closed_form_denoiser():
     assert isinstance(load_model("empirical", train=train), EmpiricalDenoiser)
     with pytest.raises(UserError, match="training data"):
         load_model("empirical")
+
+
+def test_kdiffusion_checkpoint_without_the_library_is_a_clear_error(tmp_path, monkeypatch):
+    """Detected from its pickle's names alone; loading says how to install k-diffusion."""
+    path = tmp_path / "run_00001000.pth"
+    state = {"proj_in.weight": torch.zeros(4, 1, 1, 1)}
+    torch.save({"config": {"model": {"type": "image_v1"}}, "model": state, "model_ema": state}, str(path))
+    from memaudit.models.load import detect_format
+
+    assert detect_format(path) == "k-diffusion"
+    monkeypatch.setitem(sys.modules, "k_diffusion", None)  # as if not installed
+    with pytest.raises(UserError, match=r"pip install 'memaudit\[kdiffusion\]'"):
+        load_model(str(path))
+
+
+# ---- the generic paths: --factory-args, --schedule parameters, prefixes, plain pickles --------------------------
+
+def test_factory_args_inline_or_file_and_kept_by_native(tiny, tmp_path, factory_file):
+    _, net, _ = tiny
+    rgb = __import__(MODULE).build_with(channels=3, seed=4)
+    save_file(rgb.state_dict(), str(tmp_path / "rgb.safetensors"))
+    reference = NetworkDenoiser(rgb, "eps", make_schedule("vp-linear")).eval()
+    opts = dict(factory=f"{MODULE}:build_with", param="eps", schedule="vp-linear")
+    inline = load_model(str(tmp_path / "rgb.safetensors"), factory_args='{"channels": 3, "seed": 1}', **opts)
+    assert_same_denoiser(inline, reference, channels=3)
+    (tmp_path / "args.json").write_text(json.dumps({"channels": 3}))
+    assert_same_denoiser(load_model(str(tmp_path / "rgb.safetensors"), factory_args=str(tmp_path / "args.json"),
+                                    **opts), reference, channels=3)
+    save_native(inline, tmp_path / "native")
+    again = load_model(str(tmp_path / "native"), factory=f"{MODULE}:build_with")
+    assert_same_denoiser(again, reference, channels=3)
+    for args, message in (('{"channels": 3', "--factory-args .* is not valid JSON"),
+                          ("[3]", "not a readable file"), ('{"nope": 1}', "failed: TypeError")):
+        with pytest.raises(UserError, match=message):
+            load_model(str(tmp_path / "rgb.safetensors"), factory_args=args, **opts)
+    with pytest.raises(UserError, match="pass --factory too"):
+        load_model(str(tmp_path / "rgb.safetensors"), factory_args="{}", param="eps", schedule="vp-linear")
+
+
+@pytest.mark.parametrize("spec,betas", [
+    ("vp-linear:beta_start=2e-4,beta_end=0.03,steps=50", lambda: np.linspace(2e-4, 0.03, 50)),
+    ("vp-scaled-linear", lambda: np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2),
+    ("vp-scaled-linear:beta_start=1e-3,beta_end=0.02,steps=10", lambda: np.linspace(1e-3**0.5, 0.02**0.5, 10) ** 2),
+    ("vp-cosine:steps=20", lambda: np.minimum([1 - np.cos(((i + 1) / 20 + 0.008) / 1.008 * np.pi / 2) ** 2
+                                               / np.cos((i / 20 + 0.008) / 1.008 * np.pi / 2) ** 2
+                                               for i in range(20)], 0.999)),
+])
+def test_schedule_parameters_give_the_closed_form_betas(spec, betas):
+    np.testing.assert_allclose(make_schedule(spec).alphas_cumprod.numpy(), np.cumprod(1 - betas()), rtol=1e-12)
+
+
+def test_schedule_parameter_errors_and_sigma_data():
+    assert make_schedule("edm:sigma_data=1").sigma_data == 1.0
+    for spec, message in (("vp-linear:steps=1", "steps must be an integer >= 2"),
+                          ("vp-linear:beta_end=x", "beta_end must be a number"),
+                          ("vp-linear:beta_start=0.1,beta_end=0.01", "beta_start < beta_end"),
+                          ("ve:steps=10", "not name=value with a name of ve's: sigma_data"),
+                          ("vp-quadratic", "unknown schedule 'vp-quadratic'")):
+        with pytest.raises(UserError, match=message):
+            make_schedule(spec)
+
+
+def test_key_prefix_mismatch_names_the_prefix(tiny, tmp_path, factory_file):
+    _, net, _ = tiny
+    prefixed = {f"model.{k}": v for k, v in net.state_dict().items()}
+    save_file(prefixed, str(tmp_path / "prefixed.safetensors"))
+    with pytest.raises(UserError, match="carry the prefix 'model.' that the network's lack: strip it"):
+        load_model(str(tmp_path / "prefixed.safetensors"), factory=f"{MODULE}:build", param="eps", schedule="ve")
+    save_file(net.state_dict(), str(tmp_path / "plain.safetensors"))
+    with pytest.raises(UserError, match="network's keys carry the prefix 'inner.' that the file's lack: add it"):
+        load_model(str(tmp_path / "plain.safetensors"), factory=f"{MODULE}:build_wrapped", param="eps", schedule="ve")
+
+
+def test_learned_variance_output_uses_its_mean_channels(tiny, tmp_path, factory_file):
+    module = __import__(MODULE)
+    net = module.build_learned_variance()
+    save_file(net.state_dict(), str(tmp_path / "lv.safetensors"))
+    model = load_model(str(tmp_path / "lv.safetensors"), factory=f"{MODULE}:build_learned_variance", param="eps",
+                       schedule="vp-linear")
+    mean_only = NetworkDenoiser(module.TinyNet(1), "eps", make_schedule("vp-linear")).eval()
+    mean_only.net.load_state_dict(net.state_dict())
+    assert_same_denoiser(model, mean_only)
+
+
+def test_plain_pickle_snapshot_loads_only_with_trust_pickle(tiny, tmp_path):
+    """EDM's network-snapshot-*.pkl: pickle.dump of a dict holding the network under 'ema'."""
+    _, net, reference = tiny
+    path = tmp_path / "network-snapshot-000100.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump({"ema": net, "augment_pipe": None}, fh)
+    with pytest.raises(UserError, match="arbitrary code.*--trust-pickle"):
+        load_model(str(path), param="eps", schedule="vp-linear")
+    assert_same_denoiser(load_model(str(path), param="eps", schedule="vp-linear", trust_pickle=True), reference)

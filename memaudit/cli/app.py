@@ -58,9 +58,10 @@ def _register() -> None:
     """Add the commands (each module defines its command function; the dependency runs app -> commands)."""
     if app.registered_commands:
         return
-    from memaudit.cli import scan, smooth, train
+    from memaudit.cli import inspect, scan, smooth, train
 
-    for name, func in (("scan", scan.scan), ("train", train.train), ("smooth", smooth.smooth)):
+    for name, func in (("scan", scan.scan), ("inspect", inspect.inspect), ("train", train.train),
+                       ("smooth", smooth.smooth)):
         app.command(name)(_interruptible(func))
 
 

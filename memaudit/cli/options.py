@@ -17,7 +17,7 @@ from memaudit.features import describe as describe_features
 from memaudit.metrics import SKIP_CHOICES
 from memaudit.metrics.fid import FID_MODES
 from memaudit.models.parameterisations import PARAMETERISATIONS
-from memaudit.models.schedules import SCHEDULES
+from memaudit.models.schedules import SCHEDULE_SYNTAX, SCHEDULES
 from memaudit.sampling import SAMPLERS
 
 def choices(name: str, values) -> type[enum.Enum]:
@@ -34,7 +34,7 @@ SamplerName = choices("SamplerName", SAMPLERS)
 SkipName = choices("SkipName", SKIP_CHOICES)
 FidMode = Literal[FID_MODES]
 ParamName = Literal[tuple(PARAMETERISATIONS)]
-ScheduleName = Literal[tuple(SCHEDULES)]
+ScheduleName = str  # KIND[:name=value,...], parsed by memaudit.models.schedules.parse_schedule_spec
 
 # The flag that sets each setting named by a core SettingError (memaudit.errors).
 FLAGS = {"num_samples": "--samples", "samplers": "--sampler", "steps": "--steps", "batch_size": "--batch-size",
@@ -81,18 +81,28 @@ def positive(value: Optional[float], name: str) -> None:
 # Checkpoint loader options shared by `scan` and `smooth` (see memaudit.models.load.load_model).
 PARAM = typer.Option(None, "--param", help="Network output (TorchScript / state dicts; overrides a diffusers "
                                            "scheduler's prediction_type).")
-SCHEDULE = typer.Option(None, "--schedule", help="Noise schedule (TorchScript / state dicts).")
+SCHEDULE = typer.Option(None, "--schedule", metavar="KIND[:name=value,...]",
+                        help=f"Noise schedule (TorchScript / state dicts; overrides a diffusers scheduler): "
+                             f"{', '.join(SCHEDULES)}; {SCHEDULE_SYNTAX}.")
 FACTORY = typer.Option(None, "--factory", help="package.module:function (or file.py:function) building the network "
-                                               "for a state dict.")
+                                               "net(x_in, noise_in) for a state dict (docs/formats.md has recipes).")
+FACTORY_ARGS = typer.Option(None, "--factory-args", metavar="JSON|FILE",
+                            help="Keyword arguments for --factory: inline JSON such as '{\"sample_size\": 8}' or a "
+                                 "JSON file.")
 TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module (runs code from the "
                                                           "file: only for files you trust).")
 SIGMA_MIN = typer.Option(None, "--sigma-min", help="Override the model's smallest valid sigma.")
 SIGMA_MAX = typer.Option(None, "--sigma-max", help="Override the model's largest valid sigma.")
 ROUND_TIMESTEPS = typer.Option(False, "--round-timesteps", help="Feed VP models integer timesteps.")
+MODEL_CONFIG = typer.Option(None, "--model-config", metavar="JSON|FILE",
+                            help="Network constructor arguments for checkpoints that do not save them "
+                                 "(denoising-diffusion-pytorch: '{\"unet\": {\"dim\": 64, ...}}'); inline JSON or a "
+                                 "file (default: model-config.json beside the checkpoint).")
 
 
 def load_checked_model(spec: str, train, device, *, param=None, schedule=None, factory=None, trust_pickle=False,
-                       sigma_min=None, sigma_max=None, round_timesteps=False):
+                       sigma_min=None, sigma_max=None, round_timesteps=False, model_config=None,
+                       factory_args=None):
     """Load MODEL with the loader options and check one forward pass on the training images' shape."""
     from memaudit.models.load import check_model_on_data, load_model
 
@@ -100,7 +110,8 @@ def load_checked_model(spec: str, train, device, *, param=None, schedule=None, f
     positive(sigma_max, "--sigma-max")
     model = load_model(spec, device=device, param=param, schedule=schedule, factory=factory,
                        trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
-                       round_timesteps=round_timesteps, train=train)
+                       round_timesteps=round_timesteps, train=train, model_config=model_config,
+                       factory_args=factory_args)
     check_model_on_data(model, tuple(train.shape[1:]))
     if model.image_shape is None:  # TorchScript / state-dict networks take the data's shape
         model.image_shape = tuple(train.shape[1:])

@@ -69,10 +69,12 @@ def scan(
     param: Optional[opt.ParamName] = opt.PARAM,
     schedule: Optional[opt.ScheduleName] = opt.SCHEDULE,
     factory: Optional[str] = opt.FACTORY,
+    factory_args: Optional[str] = opt.FACTORY_ARGS,
     trust_pickle: bool = opt.TRUST_PICKLE,
     sigma_min: Optional[float] = opt.SIGMA_MIN,
     sigma_max: Optional[float] = opt.SIGMA_MAX,
     round_timesteps: bool = opt.ROUND_TIMESTEPS,
+    model_config: Optional[str] = opt.MODEL_CONFIG,
     resize: Optional[int] = opt.RESIZE,
     channels: Optional[int] = opt.CHANNELS,
     seed: int = opt.SEED,
@@ -99,7 +101,8 @@ def scan(
         raise UserError(f"{data} holds {train.shape[0]} image; the NN ratio needs at least 2 training images")
     denoiser = opt.load_checked_model(model, train.to(dev), dev, param=param, schedule=schedule, factory=factory,
                                       trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
-                                      round_timesteps=round_timesteps)
+                                      round_timesteps=round_timesteps, model_config=model_config,
+                                      factory_args=factory_args)
     data_info = {"path": str(data), "num_images": int(train.shape[0]), "image_shape": list(train.shape[1:]),
                  "value_range": dataset.value_range}
     held = None

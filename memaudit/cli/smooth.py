@@ -85,10 +85,12 @@ def smooth(
     param: Optional[opt.ParamName] = opt.PARAM,
     schedule: Optional[opt.ScheduleName] = opt.SCHEDULE,
     factory: Optional[str] = opt.FACTORY,
+    factory_args: Optional[str] = opt.FACTORY_ARGS,
     trust_pickle: bool = opt.TRUST_PICKLE,
     sigma_min: Optional[float] = opt.SIGMA_MIN,
     sigma_max: Optional[float] = opt.SIGMA_MAX,
     round_timesteps: bool = opt.ROUND_TIMESTEPS,
+    model_config: Optional[str] = opt.MODEL_CONFIG,
     resize: Optional[int] = opt.RESIZE,
     channels: Optional[int] = opt.CHANNELS,
     seed: int = opt.SEED,
@@ -123,7 +125,8 @@ def smooth(
     if compare and images.shape[0] < 2:
         raise UserError(f"{data} holds 1 image; the comparison scan needs at least 2 (or pass --no-compare)")
     loader = dict(param=param, schedule=schedule, factory=factory, trust_pickle=trust_pickle, sigma_min=sigma_min,
-                  sigma_max=sigma_max, round_timesteps=round_timesteps)
+                  sigma_max=sigma_max, round_timesteps=round_timesteps, model_config=model_config,
+                  factory_args=factory_args)
     original = opt.load_checked_model(model, images, dev, **loader)
     err = Console(stderr=True)
     say = lambda line: err.print(opt.printable(line), markup=False, highlight=False) if not quiet else None  # noqa
@@ -177,7 +180,8 @@ def compare_rows(model: str, out: Path, images, held_out, config: SmoothingConfi
     rows = []
     for label, spec, sampler in candidates:
         task = lambda description, total, label=label: tracker.task(f"{label}: {description}", total)  # noqa: E731
-        denoiser = opt.load_checked_model(spec, images, device, **loader)
+        options = loader if spec == model else {**loader, "model_config": None, "factory_args": None}  # native
+        denoiser = opt.load_checked_model(spec, images, device, **options)
         result = run_scan(denoiser, images, replace(scan, samplers=(sampler,)),
                           model_info=opt.model_info(spec, denoiser), data_info=data_info, task=task)
         proxy = fid_proxy(result.samples[sampler], held_out) if held_out is not None else None

@@ -16,6 +16,7 @@ from memaudit.denoiser import Denoiser, expand_like
 from memaudit.errors import UserError
 from memaudit.models.parameterisations import PARAMETERISATIONS, check_parameterisation, to_denoised
 from memaudit.models.schedules import Schedule
+from memaudit.models.x0_limits import X0Limit
 
 __all__ = ["PARAMETERISATIONS", "NetworkDenoiser", "network_output"]
 
@@ -46,12 +47,13 @@ class NetworkDenoiser(Denoiser):
     """D(x, sigma) from a network net(x_in, noise_in) under a schedule and a parameterisation.
 
     `fixed_noise_input`, when set, replaces the network's noise-level input by that constant
-    (noise unconditioning); the schedule's input scaling and output mixing still use sigma.
+    (noise unconditioning); the schedule's input scaling and output mixing still use sigma. `x0_limit`, when set,
+    clips or thresholds D as the checkpoint's own sampler does (memaudit.models.x0_limits).
     """
 
     def __init__(self, net: nn.Module, param: str, schedule: Schedule,
                  image_shape: Optional[tuple[int, int, int]] = None,
-                 fixed_noise_input: Optional[float] = None):
+                 fixed_noise_input: Optional[float] = None, x0_limit: Optional[X0Limit] = None):
         super().__init__()
         check_parameterisation(param)
         self.net = net
@@ -59,6 +61,7 @@ class NetworkDenoiser(Denoiser):
         self.schedule = schedule
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.fixed_noise_input = fixed_noise_input
+        self.x0_limit = x0_limit
 
     @property
     def sigma_min(self) -> float:
@@ -81,6 +84,9 @@ class NetworkDenoiser(Denoiser):
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         x_in, noise_in = self.network_inputs(x, sigma)
         out = network_output(self.net(x_in, noise_in))
+        if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
+            out = out[:, : x.shape[1]]  # a learned-variance output (guided-diffusion, diffusers): the mean part
         if out.shape != x.shape:
             raise UserError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-        return to_denoised(self.param, out.to(x.dtype), x, expand_like(sigma, x), self.schedule.sigma_data)
+        denoised = to_denoised(self.param, out.to(x.dtype), x, expand_like(sigma, x), self.schedule.sigma_data)
+        return self.x0_limit(denoised) if self.x0_limit is not None else denoised

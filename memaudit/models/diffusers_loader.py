@@ -1,7 +1,8 @@
 """diffusers checkpoints: a UNet2DModel folder (save_pretrained) plus its scheduler config.
 
-The scheduler's betas give the VP schedule, abar_t = prod_{s<=t} (1 - beta_s); prediction_type
-epsilon|v_prediction|sample -> eps|v|x0; the network is net(x_vp, t) = unet(x_vp, t).sample.
+The scheduler's own alphas_cumprod give the VP schedule, abar_t = prod_{s<=t} (1 - beta_s); prediction_type
+epsilon|v_prediction|sample -> eps|v|x0; clip_sample / thresholding limit D; every other field is honoured or
+refused by memaudit.models.scheduler_fields; the network is net(x_vp, t) = unet(x_vp, t).sample.
 diffusers is an optional extra, imported only when such a folder is loaded.
 """
 
@@ -15,20 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from memaudit.errors import UserError, first_lines
+from memaudit.models import scheduler_fields
 from memaudit.models.adapters import NetworkDenoiser
-from memaudit.models.schedules import (Schedule, cosine_betas, linear_betas, make_schedule,
-                                       scaled_linear_betas, set_sigma_range, vp_schedule)
+from memaudit.models.schedules import Schedule, make_schedule, set_sigma_range
 
 CONFIG_NAME = "config.json"
 SCHEDULER_NAME = "scheduler_config.json"
 UNET_CLASSES = ("UNet2DModel",)
-PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-# diffusers beta_schedule -> (memaudit schedule kind, betas(n, beta_start, beta_end))
-BETA_SCHEDULES = {
-    "linear": ("vp-linear", linear_betas),
-    "scaled_linear": ("vp-linear", scaled_linear_betas),
-    "squaredcos_cap_v2": ("vp-cosine", lambda n, start, end: cosine_betas(n)),
-}
 
 
 def import_diffusers() -> Any:
@@ -75,27 +69,31 @@ def is_diffusers(folder: str | Path) -> bool:
 
 
 def schedule_from_scheduler(config: dict, source: Path) -> Schedule:
-    """The VP schedule of a DDPM-style scheduler config (trained_betas, or beta_schedule over n steps)."""
-    if config.get("rescale_betas_zero_snr"):
-        raise UserError(f"{source}: zero-terminal-SNR schedules (sigma_T = inf) are not supported")
-    if config.get("trained_betas") is not None:
-        return vp_schedule("vp-linear", torch.tensor(config["trained_betas"], dtype=torch.float64))
-    name = config.get("beta_schedule", "linear")
-    if name not in BETA_SCHEDULES or not ("beta_schedule" in config or "beta_start" in config):
-        raise UserError(f"{source}: cannot read a VP schedule from {config.get('_class_name', 'this scheduler')} "
-                        f"(beta_schedule {name!r}); pass --schedule and --param")
-    kind, make_betas = BETA_SCHEDULES[name]
-    n = int(config.get("num_train_timesteps", 1000))
-    return vp_schedule(kind, make_betas(n, float(config.get("beta_start", 1e-4)),
-                                        float(config.get("beta_end", 0.02))))
+    """The VP schedule of a scheduler config: diffusers' own alphas_cumprod (scheduler_fields checks each field)."""
+    scheduler = scheduler_fields.build_scheduler(config, source)
+    full = {**dict(scheduler.config), "_class_name": type(scheduler).__name__}  # with the class's defaults
+    scheduler_fields.check_fields(full, source)
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is None:
+        raise UserError(f"{source}: {type(scheduler).__name__} has no alphas_cumprod; pass --schedule and --param")
+    kind = "vp-cosine" if full.get("beta_schedule") == "squaredcos_cap_v2" else "vp-linear"
+    abar = torch.as_tensor(abar).double()
+    sig = torch.sqrt((1 - abar) / abar)
+    if not (torch.isfinite(sig).all() and (sig > 0).all() and (sig.diff() > 0).all()):
+        raise UserError(f"{source}: its schedule's sigmas are not finite and increasing; pass --schedule and --param")
+    return Schedule(kind, float(sig[0]), float(sig[-1]), alphas_cumprod=abar,
+                    interpolation=scheduler_fields.interpolation_of(full))
+
+
+def full_scheduler_config(config: dict, source: Path) -> dict:
+    """The scheduler config with the class's defaults filled in, as diffusers' from_config does."""
+    return {**dict(scheduler_fields.build_scheduler(config, source).config), "_class_name":
+            config.get("_class_name", "DDPMScheduler")}
 
 
 def param_from_scheduler(config: dict, source: Path) -> str:
     """prediction_type epsilon|v_prediction|sample -> eps|v|x0 (diffusers defaults to epsilon)."""
-    kind = config.get("prediction_type", "epsilon")
-    if kind not in PREDICTION_TYPES:
-        raise UserError(f"{source}: unknown prediction_type {kind!r}; pass --param")
-    return PREDICTION_TYPES[kind]
+    return scheduler_fields.param_of(config, source)
 
 
 class DiffusersUNetNet(nn.Module):
@@ -168,12 +166,15 @@ def load_diffusers(folder: str | Path, *, device: str | torch.device = "cpu", pa
         raise UserError(f"{folder}: no diffusers model config.json (with _class_name) here or in unet/")
     net = load_unet(unet_dir)
     sched_config, sched_path = _scheduler_config(unet_dir, needed=param is None or schedule is None)
+    if param is None or schedule is None:
+        sched_config = full_scheduler_config(sched_config, sched_path)
     sched = (make_schedule(schedule) if schedule is not None
              else schedule_from_scheduler(sched_config, sched_path))
     sched.round_timesteps = bool(round_timesteps)
     set_sigma_range(sched, sigma_min, sigma_max)
     param = param or param_from_scheduler(sched_config, sched_path)
-    denoiser = NetworkDenoiser(net, param, sched, image_shape=image_shape_of(dict(net.unet.config)))
+    limit = scheduler_fields.x0_limit_of(sched_config) if schedule is None else None
+    denoiser = NetworkDenoiser(net, param, sched, image_shape=image_shape_of(dict(net.unet.config)), x0_limit=limit)
     return denoiser.to(device).eval()
 
 

@@ -1,7 +1,9 @@
 """Load any supported checkpoint as a Denoiser D(x, sigma), detecting its format, and check it on the data.
 
 Formats: memaudit native folder; diffusers UNet2DModel folder (+ scheduler config); TorchScript archive;
-state dict (.safetensors or torch file) + --factory; a whole pickled nn.Module only with --trust-pickle;
+denoising-diffusion-pytorch Trainer checkpoint (+ --model-config); k-diffusion train.py checkpoint;
+state dict (.safetensors or torch file) + --factory [--factory-args]; a whole pickled nn.Module (or a plain
+pickle holding one) only with --trust-pickle;
 "empirical[:T=..,k=..]" for the closed-form denoiser of the training set. Pickles are read weights-only.
 """
 
@@ -16,8 +18,9 @@ from torch import nn
 
 from memaudit.denoiser import Denoiser, check_shape, fmt_shape
 from memaudit.errors import UserError, first_lines
-from memaudit.models import diffusers_loader, native, statedict, torchscript
+from memaudit.models import ddpm_pytorch, diffusers_loader, kdiffusion, native, statedict, torchscript
 from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
+from memaudit.models.json_args import read_json_arg
 from memaudit.models.safe_pickle import safe_torch_load
 from memaudit.models.schedules import SCHEDULES, make_schedule, set_sigma_range
 
@@ -36,6 +39,8 @@ class LoadOptions:
     sigma_min: Optional[float] = None
     sigma_max: Optional[float] = None
     round_timesteps: bool = False
+    model_config: Optional[str] = None
+    factory_args: Optional[str] = None
 
     def network(self) -> dict:
         """The options that shape how a bare network is wrapped."""
@@ -66,9 +71,26 @@ def _load_torchscript(path: Path, o: LoadOptions) -> Denoiser:
     return wrap_network(torchscript.load_torchscript(path, o.device), path, "torchscript", **o.network())
 
 
+def _load_ddpm_pytorch(path: Path, o: LoadOptions) -> Denoiser:
+    _reject(o.factory, "--factory", path, "denoising-diffusion-pytorch")
+    denoiser = ddpm_pytorch.load_ddpm_pytorch(path, model_config=o.model_config, param=o.param, schedule=o.schedule)
+    denoiser.schedule.round_timesteps = bool(o.round_timesteps)
+    set_sigma_range(denoiser.schedule, o.sigma_min, o.sigma_max)
+    return denoiser
+
+
+def _load_kdiffusion(path: Path, o: LoadOptions) -> Denoiser:
+    _reject(o.factory, "--factory", path, "k-diffusion")
+    denoiser = kdiffusion.load_kdiffusion(path, model_config=o.model_config, param=o.param, schedule=o.schedule)
+    check_within(o.sigma_min, o.sigma_max, denoiser.sigma_min, denoiser.sigma_max, f"of {path}'s config")
+    set_sigma_range(denoiser.schedule, o.sigma_min, o.sigma_max)
+    return denoiser
+
+
 def _load_file(fmt: str) -> Callable[[Path, LoadOptions], Denoiser]:
     def load(path: Path, o: LoadOptions) -> Denoiser:
-        return wrap_network(load_file_network(path, o.factory, o.trust_pickle), path, fmt, **o.network())
+        args = read_json_arg(o.factory_args, "--factory-args")
+        return wrap_network(load_file_network(path, o.factory, o.trust_pickle, args), path, fmt, **o.network())
     return load
 
 
@@ -85,6 +107,11 @@ FORMATS: dict[str, ModelFormat] = {
                              "diffusers UNet2DModel or pipeline folder with its scheduler config"),
     "torchscript": ModelFormat(lambda p: p.is_file() and torchscript.is_torchscript(p), _load_torchscript,
                                "TorchScript network net(x_in, noise_in) (needs --param and --schedule)"),
+    "ddpm-pytorch": ModelFormat(lambda p: p.is_file() and ddpm_pytorch.is_ddpm_checkpoint(p), _load_ddpm_pytorch,
+                                "denoising-diffusion-pytorch Trainer checkpoint model-N.pt (needs --model-config "
+                                "or model-config.json beside it)"),
+    "k-diffusion": ModelFormat(lambda p: p.is_file() and kdiffusion.is_kdiffusion_checkpoint(p), _load_kdiffusion,
+                               "k-diffusion train.py checkpoint (config + model_ema; --model-config for old ones)"),
     "safetensors": ModelFormat(lambda p: p.is_file() and statedict.is_safetensors(p), _load_file("safetensors"),
                                "state dict .safetensors (needs --factory, --param and --schedule)"),
     "torch": ModelFormat(lambda p: p.is_file() and _is_torch_file(p), _load_file("torch"),
@@ -93,16 +120,26 @@ FORMATS: dict[str, ModelFormat] = {
 }
 
 
+MODEL_CONFIG_FORMATS = ("ddpm-pytorch", "k-diffusion")  # the formats --model-config applies to
+
+
 def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional[str] = None,
                schedule: Optional[str] = None, factory: Optional[str] = None, trust_pickle: bool = False,
                sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
-               round_timesteps: bool = False, train: Optional[torch.Tensor] = None) -> Denoiser:
+               round_timesteps: bool = False, train: Optional[torch.Tensor] = None,
+               model_config: Optional[str] = None, factory_args: Optional[str] = None) -> Denoiser:
     """The model named by `spec` (a path, or "empirical[:...]" built on `train`) as D(x, sigma), eval mode."""
     if is_empirical_spec(spec):
         return load_empirical(spec, train, device)
     path = Path(spec).expanduser()
     fmt = detect_format(path)
-    options = LoadOptions(device, param, schedule, factory, trust_pickle, sigma_min, sigma_max, round_timesteps)
+    options = LoadOptions(device, param, schedule, factory, trust_pickle, sigma_min, sigma_max, round_timesteps,
+                          model_config, factory_args)
+    if factory_args is not None and (factory is None or fmt not in ("safetensors", "torch")):
+        raise UserError("--factory-args gives the arguments of --factory, for a state-dict file: "
+                        + ("pass --factory too" if factory is None else f"{path} is a {fmt} model"))
+    if model_config is not None and fmt not in MODEL_CONFIG_FORMATS:
+        raise UserError(f"--model-config does not apply to {path}: it is a {fmt} model")
     denoiser = FORMATS[fmt].load(path, options)
     if fmt != "native" and (sigma_min is not None or sigma_max is not None):
         check_timestep_range(denoiser.schedule, sigma_min, sigma_max)
@@ -185,12 +222,16 @@ def check_torch_file(path: Path) -> None:
                     "diffusers), a TorchScript or torch.save file, or a .safetensors state dict")
 
 
-def load_file_network(path: Path, factory: Optional[str], trust_pickle: bool) -> nn.Module:
-    """A state-dict file loaded into the --factory network, or (with trust_pickle) a whole pickled module."""
+def load_file_network(path: Path, factory: Optional[str], trust_pickle: bool,
+                      factory_args: Optional[dict] = None) -> nn.Module:
+    """A state-dict file loaded into the --factory network, or (with trust_pickle) a whole pickled module, also
+    one a training snapshot holds under a usual key (EDM's network-snapshot pickles: 'ema')."""
     if factory is not None:
-        return statedict.load_factory_network(path, factory, trust_pickle=trust_pickle)
+        return statedict.load_factory_network(path, factory, trust_pickle=trust_pickle, args=factory_args)
     if not statedict.is_safetensors(path):
         obj = safe_torch_load(path, trust_pickle=trust_pickle)
+        if isinstance(obj, dict):
+            obj = next((obj[k] for k in statedict.STATE_DICT_KEYS if isinstance(obj.get(k), nn.Module)), obj)
         if isinstance(obj, nn.Module):
             return obj
     raise UserError(f"{path} holds weights, not a network: pass --factory package.module:function "

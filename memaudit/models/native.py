@@ -24,10 +24,13 @@ from torch import nn
 
 from memaudit.atomic import atomic_dir, check_writable
 from memaudit.errors import UserError, first_lines
-from memaudit.models import diffusers_loader, statedict, torchscript
+from memaudit.models import ddpm_pytorch, diffusers_loader, statedict, torchscript
 from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
 from memaudit.models.schedules import SCHEDULES, Schedule, make_schedule
 from memaudit.models.unet import UNet
+from memaudit.models.x0_limits import x0_limit_from_record
+
+INTERPOLATIONS = ("log", "linear")
 
 FORMAT = "memaudit-native"
 VERSION = 1
@@ -40,6 +43,7 @@ ARCHITECTURES: dict[str, Callable[[dict, Path], nn.Module]] = {
     "factory": statedict.network_from_native,
     "torchscript": torchscript.network_from_native,
     "diffusers": diffusers_loader.network_from_native,
+    "ddpm-pytorch": ddpm_pytorch.network_from_native,
 }
 
 
@@ -92,6 +96,8 @@ def native_config(denoiser: NetworkDenoiser, history: list[dict] | None = None) 
         **custom_alphas_cumprod(sched),
         "image_shape": list(denoiser.image_shape) if denoiser.image_shape else None,
         "fixed_noise_input": denoiser.fixed_noise_input,
+        **({"x0_limit": denoiser.x0_limit.record()} if getattr(denoiser, "x0_limit", None) else {}),
+        **({"sigma_interpolation": sched.interpolation} if sched.interpolation != "log" else {}),
         "history": list(history or []),
     }
 
@@ -220,6 +226,9 @@ def validate_config(config: dict, path: Path) -> None:
         raise _bad(path, "history", "a list", config["history"])
     _check_image_shape(config.get("image_shape"), path)
     _check_alphas_cumprod(config.get("alphas_cumprod"), path)
+    x0_limit_from_record(config.get("x0_limit"), str(path))
+    if config.get("sigma_interpolation", "log") not in INTERPOLATIONS:
+        raise _bad(path, "sigma_interpolation", f"one of {', '.join(INTERPOLATIONS)}", config["sigma_interpolation"])
     if arch["name"] == "unet":
         check_unet_kwargs(arch.get("kwargs", {}), path)
 
@@ -319,11 +328,13 @@ def load_native(folder: str | Path, device: str | torch.device = "cpu") -> Netwo
     schedule = make_schedule(config["schedule"], config.get("sigma_min"), config.get("sigma_max"),
                              sigma_data=float(config.get("sigma_data", 0.5)))
     schedule.round_timesteps = bool(config.get("round_timesteps", False))
+    schedule.interpolation = config.get("sigma_interpolation", "log")
     if config.get("alphas_cumprod") is not None:
         schedule.alphas_cumprod = torch.tensor(config["alphas_cumprod"], dtype=torch.float64)
     shape = config.get("image_shape")
     denoiser = NetworkDenoiser(net, config["parameterisation"], schedule,
                                image_shape=tuple(shape) if shape else None,
-                               fixed_noise_input=config.get("fixed_noise_input"))
+                               fixed_noise_input=config.get("fixed_noise_input"),
+                               x0_limit=x0_limit_from_record(config.get("x0_limit"), str(folder)))
     denoiser.history = list(config.get("history", []))
     return denoiser.to(device).eval()

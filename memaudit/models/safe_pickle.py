@@ -2,7 +2,8 @@
 
 torch.load(weights_only=True) unpickles only tensors, numbers, strings and containers; any other global
 (a class, os.system, ...) is refused before it is called. A full pickle (arbitrary objects, nn.Module)
-is unpickled only with an explicit trust_pickle=True (CLI: --trust-pickle), since unpickling runs code.
+is unpickled only with an explicit trust_pickle=True (CLI: --trust-pickle), since unpickling runs code; a trusted
+file that is not a torch.save archive is read as a plain pickle (EDM's network snapshots).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def safe_torch_load(path: str | Path, *, trust_pickle: bool = False, map_locatio
             return torch.load(str(path), map_location=map_location, weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         if trust_pickle:
-            raise UserError(f"{path}: cannot unpickle: {_reason(exc)}") from None
+            return _plain_pickle(path, exc)
         raise UserError(
             f"{path}: refused to unpickle it: it holds Python objects beyond tensors ({_reason(exc)}); "
             "unpickling can run arbitrary code, so pass --trust-pickle only if you trust its source"
@@ -34,7 +35,28 @@ def safe_torch_load(path: str | Path, *, trust_pickle: bool = False, map_locatio
     except FileNotFoundError:
         raise UserError(f"model file not found: {path}") from None
     except Exception as exc:  # torch raises RuntimeError, KeyError, EOFError, ... on non-torch files
-        raise UserError(f"{path}: not a readable torch checkpoint ({_reason(exc)})") from None
+        if trust_pickle:
+            return _plain_pickle(path, exc)
+        plain = "magic number" in str(exc) and _starts_like_pickle(path)
+        raise UserError(f"{path}: not a readable torch checkpoint ({_reason(exc)})" + (
+            "; it is a plain pickle, which can run arbitrary code: pass --trust-pickle only if you trust its source"
+            if plain else "")) from None
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _plain_pickle(path: Path, torch_error: BaseException) -> Any:
+    """A trusted file that torch.load cannot read may be a plain pickle (EDM's network-snapshot-*.pkl)."""
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh)
+    except Exception as exc:  # the file's own code runs here: any failure is reported on one line
+        raise UserError(f"{path}: cannot unpickle: {_reason(torch_error)}; as a plain pickle: {_reason(exc)}"
+                        ) from None
 
 
 def _reason(exc: BaseException) -> str:

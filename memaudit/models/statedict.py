@@ -1,8 +1,9 @@
 """State-dict checkpoints: a user factory builds the network, the file supplies its weights (strictly).
 
---factory is "package.module:function" or "path/to/file.py:function"; the function is called with no
-arguments and must return an nn.Module net(x_in, noise_in). Weights come from a .safetensors file or a
-torch file read with weights_only=True; a dict holding the state dict under a usual key is accepted too.
+--factory is "package.module:function" or "path/to/file.py:function"; the function is called with the keyword
+arguments of --factory-args (a JSON object, none by default) and must return an nn.Module net(x_in, noise_in).
+Weights come from a .safetensors file or a torch file read with weights_only=True; a dict holding the state dict
+under a usual key is accepted too. A key mismatch that one prefix explains names the prefix to strip or add.
 """
 
 from __future__ import annotations
@@ -92,16 +93,16 @@ def _import_file(path: Path) -> Any:
     return module
 
 
-def build_network(factory: str) -> nn.Module:
-    """Call the factory with no arguments; the module records {"name": "factory"} for native saving."""
+def build_network(factory: str, args: Optional[dict] = None) -> nn.Module:
+    """Call the factory with the keyword arguments `args`; the module records {"name": "factory"} for native saving."""
     func, canonical = resolve_factory(factory)
     try:
-        net = func()
+        net = func(**(args or {}))
     except Exception as exc:
         raise UserError(f"--factory {factory} failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(net, nn.Module):
         raise UserError(f"--factory {factory} returned {type(net).__name__}, not a torch.nn.Module")
-    net.architecture = {"name": "factory", "kwargs": {"factory": canonical}}
+    net.architecture = {"name": "factory", "kwargs": {"factory": canonical, **({"args": args} if args else {})}}
     return net
 
 
@@ -159,7 +160,26 @@ def state_dict_mismatch(expected: dict[str, Tensor], given: dict[str, Tensor]) -
               if k in given and given[k].shape != v.shape]
     parts = [f"{label} {_few(items)}" for label, items in
              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if items]
-    return "; ".join(parts)
+    hint = prefix_hint(list(expected), list(given)) if missing and unexpected else ""
+    return "; ".join(parts + ([hint] if hint else []))
+
+
+def prefix_hint(expected: list[str], given: list[str]) -> str:
+    """'the file's keys carry the prefix P: strip it' (or '... lack the prefix P: add it') when that makes every
+    key the network expects appear in the file; '' when no single prefix does."""
+    wanted = set(expected)
+    for keys, other, verb in ((given, wanted, "strip"), (expected, set(given), "add")):
+        parts = keys[0].split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i]) + "."
+            stripped = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+            if (verb == "strip" and stripped >= other) or (verb == "add" and stripped <= other and
+                                                              len(stripped) == len(keys)):
+                return (f"the file's keys carry the prefix {prefix!r} that the network's lack: strip it"
+                        if verb == "strip" else
+                        f"the network's keys carry the prefix {prefix!r} that the file's lack: add it (or have the "
+                        f"factory return the inner module)")
+    return ""
 
 
 def _few(items: list[str], n: int = 3) -> str:
@@ -167,10 +187,11 @@ def _few(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + more
 
 
-def load_factory_network(path: str | Path, factory: str, *, trust_pickle: bool = False) -> nn.Module:
-    """Build the network with the factory and load the file's state dict into it strictly."""
+def load_factory_network(path: str | Path, factory: str, *, trust_pickle: bool = False,
+                         args: Optional[dict] = None) -> nn.Module:
+    """Build the network with the factory (and its --factory-args) and load the file's state dict into it strictly."""
     state = read_state_dict(path, trust_pickle=trust_pickle)
-    net = build_network(factory)
+    net = build_network(factory, args)
     load_strict(net, state, path)
     return net
 
@@ -196,4 +217,7 @@ def network_from_native(kwargs: dict, folder: Path) -> nn.Module:
     if spec not in _CONFIRMED.get():
         raise UserError(f"{folder} is built by the factory {spec!r}, which runs Python code: "
                         f"pass --factory {spec} to confirm you trust it")
-    return build_network(spec)
+    args = kwargs.get("args")
+    if args is not None and not isinstance(args, dict):
+        raise UserError(f"{folder}: factory architecture 'args' must be a JSON object: {json.dumps(args)}")
+    return build_network(spec, args)
