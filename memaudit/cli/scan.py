@@ -40,7 +40,8 @@ def scan(
                                                   help="Sampler; repeat for several."),
     steps: int = typer.Option(DEFAULTS.steps, "--steps", min=1, help="Sampler steps (Karras schedule)."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1, help="Samples per batch."),
-    threshold: float = typer.Option(DEFAULTS.threshold, "--threshold", help="NN ratio d1/d2 below this = memorized."),
+    threshold: float = typer.Option(DEFAULTS.threshold, "--threshold", show_default="1/3",
+                                    help="NN ratio d1/d2 below this = memorized."),
     topk: int = typer.Option(DEFAULTS.topk, "--topk", help="K for the top-K entropy of the empirical weights."),
     features: Optional[str] = opt.FEATURES,
     fid: opt.FidMode = typer.Option(DEFAULTS.fid, "--fid", help="Quality score: clean-fid's FID, the offline proxy, "

@@ -8,7 +8,7 @@ Held-out real images were never trained on, so any of them the rule flags is a f
 reported with the FPR of the configured threshold (1/3, Yoon et al. 2023 / Gu et al. 2023), each run's
 memorized fraction at t_cal, and a split-half check (t_cal from the first half of the held-out images, its FPR
 measured on the second), all with 95 % Wilson intervals. Also on the held-out images: C_T with one half as
-"generated" and the other as test (what C_T ~ 0 looks like, Meehan et al. 2020) and Alaa et al.'s authenticity
+"generated" and the other as test (the spread C_T shows for real data, ideally ~0; -1.6 on the 32 bundled digits, Meehan et al. 2020) and Alaa et al.'s authenticity
 (2022). Without --holdout the section says the threshold is uncalibrated and its gates fail.
 """
 

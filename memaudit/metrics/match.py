@@ -49,6 +49,7 @@ class Match(Metric):
     summary_keys = {
         KEY: "max over runs of `match.memorized_fraction`: NN ratio with d = min over the transforms of "
              "--match-flips / --match-shifts (null, so gates fail, when neither was given)",
+        f"{KEY}_lower": "max over runs of `match.memorized_fraction_lower` (95 % Wilson interval)",
         f"{KEY}_upper": "max over runs of `match.memorized_fraction_upper` (95 % Wilson interval)",
     }
     columns = (Column("memorized up to flips/shifts", lambda s: s.get("memorized_fraction"), percent=True),)
@@ -78,7 +79,8 @@ class Match(Metric):
 
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         out = {}
-        for key, field in ((KEY, "memorized_fraction"), (f"{KEY}_upper", "memorized_fraction_upper")):
+        for key, field in ((KEY, "memorized_fraction"), (f"{KEY}_lower", "memorized_fraction_lower"),
+                           (f"{KEY}_upper", "memorized_fraction_upper")):
             values = finite(s.get(field) for s in sections.values() if s and s.get("enabled"))
             out[key] = max(values) if values else None
         return out

@@ -99,7 +99,7 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
     if gates:
         gt = _table("Gates (--fail-on: a gate fails when its condition holds)", styled)
         for header, justify in (("gate", "left"), ("value", "right"), ("result", "left"), ("reason", "left")):
-            gt.add_column(header, justify=justify)
+            gt.add_column(header, justify=justify, overflow="fold")  # long gate names wrap, never cut
         for g in gates:
             gt.add_row(Text(str(g.get("expr", ""))), fmt(g.get("value"), 6), _word(bool(g.get("passed")), styled),
                        Text(str(g.get("reason", ""))))

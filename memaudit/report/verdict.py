@@ -17,8 +17,20 @@ LEVEL = 0.01
 COLOURS = {"high": "#d62728", "unclear": "#e6a700", "low": "#2ca02c", "unknown": "#7f7f7f"}
 
 
+def _bounds(summary: Mapping[str, Any]) -> tuple:
+    """(lower, upper) of the memorized fraction; with --match-flips/--match-shifts the larger of the plain and the
+    flip/shift-aware bounds, since a mirrored copy is a copy."""
+    keys = [("memorized_fraction_lower", "memorized_fraction_upper")]
+    if summary.get("match_memorized_fraction") is not None:
+        keys.append(("match_memorized_fraction_lower", "match_memorized_fraction_upper"))
+    pairs = [(finite_or_none(summary.get(lo)), finite_or_none(summary.get(hi))) for lo, hi in keys]
+    if any(lo is None or hi is None for lo, hi in pairs):
+        return None, None
+    return max(lo for lo, _ in pairs), max(hi for _, hi in pairs)
+
+
 def severity(summary: Mapping[str, Any]) -> str:
-    lo, hi = finite_or_none(summary.get("memorized_fraction_lower")), finite_or_none(summary.get("memorized_fraction_upper"))
+    lo, hi = _bounds(summary)
     if lo is None or hi is None:
         return "unknown"
     return "high" if lo > LEVEL else "low" if hi < LEVEL else "unclear"
@@ -38,6 +50,10 @@ def verdict_lines(report: Mapping[str, Any]) -> list[str]:
     out = [f"Copied: {pct(s.get('memorized_fraction'))} of samples (95 % interval {pct(s.get('memorized_fraction_lower'))}"
            f" to {pct(s.get('memorized_fraction_upper'))}, {n} samples per sampler, worst of {len(runs)} sampler(s); "
            f"NN ratio d1/d2 below the threshold)."]
+    if finite_or_none(s.get("match_memorized_fraction")) is not None:
+        out[0] += (f" Up to flips/shifts (--match-flips/--match-shifts): {pct(s.get('match_memorized_fraction'))} "
+                   f"(95 % interval {pct(s.get('match_memorized_fraction_lower'))} to "
+                   f"{pct(s.get('match_memorized_fraction_upper'))}); gate it with match_memorized_fraction_upper.")
     distinct = finite_or_none(s.get("distinct_reproduced"))
     if distinct is not None:
         out.append(f"Distinct training images reproduced: {int(distinct)} of {data.get('num_images', '?')} "
