@@ -207,31 +207,6 @@ class EmpiricalDenoiser(Denoiser):
         """softmax over the given neighbours of -||x - x_i||^2 / (2 v), distances computed directly."""
         return torch.softmax(self.logits_at(xf, sigma, idx), dim=1)
 
-    def support(self, x: Tensor, sigma: Tensor | float, tol: float = 1e-7,
-                budget_bytes: int = 256 * 2**20) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-        """The weights (B, S), points (B, S, d) and variance (B, 1) of the S largest softmax weights per sample,
-        found in one streamed pass, when the rest of the training set provably carries a share <= tol of the
-        weight: every point outside the top S has a logit <= the S-th largest, so the dropped share is at most
-        (M - S) exp(l_S - logsumexp(top S)). None when S under the memory budget cannot guarantee that (and for
-        the kNN variants, whose weights are already restricted). Used to amortise power iterations."""
-        if self.k is not None:
-            return None
-        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
-        sigma = as_sigma(sigma, xf)
-        per_point = xf.shape[0] * xf.shape[1] * xf.element_size()
-        size = min(self.num_points, max(1, budget_bytes // max(per_point, 1)))
-        top = self.topk(xf, sigma, size)
-        if size < self.num_points:  # the smallest S whose bound holds for every row (log domain)
-            s = torch.arange(1, size + 1, device=xf.device, dtype=top.logits.dtype)
-            log_bound = torch.log(self.num_points - s) + top.logits - torch.logcumsumexp(top.logits, 1)
-            holds = log_bound <= math.log(tol)
-            if not bool(holds.any(1).all()):
-                return None
-            size = int(holds.float().argmax(1).max()) + 1  # first S that holds, worst row
-        idx = top.indices[:, :size]
-        logits = self.logits_at(xf, sigma, idx)  # exact distances on the support
-        return torch.softmax(logits, 1), self.points[idx], self.variance(xf, sigma)
-
     def jvp(self, x: Tensor, sigma: Tensor | float, v: Tensor) -> Tensor:
         """J v = (sum_i w_i x_i (x_i.v) - D (D.v)) / v_sigma, the analytic Jacobian-vector product
         (v_sigma = sigma^2 T, or max(sigma^2 T, h^2) with a bandwidth floor)."""

@@ -179,27 +179,3 @@ def test_profile():
     np.testing.assert_allclose(lin["model"], 0.5, rtol=1e-5)
     np.testing.assert_allclose(lin["step_expansion"], [abs(heun_factor(0.5, 1.0, 0.25)), 0.5], rtol=1e-3)
     np.testing.assert_allclose(np.array(lin["model"]) / np.array(lin["empirical"]), lin["ratio"])
-
-
-@pytest.mark.parametrize("sigma", [0.05, 0.3, 3.0])
-def test_amortised_empirical_norm_matches_the_eigenvalues_of_the_weighted_covariance(sigma):
-    """M = 3000 points in R^16: the power iteration on the top-weight support (one pass over the training set)
-    gives the largest eigenvalue of Cov_w / sigma^2 computed in numpy from all M weights; at a large sigma,
-    where no small support holds the weight, it falls back to the streamed full sum."""
-    gen = torch.Generator().manual_seed(0)
-    train = torch.randn(3000, 1, 4, 4, generator=gen)
-    x = train[:6] + 0.5 * sigma * torch.randn(6, 1, 4, 4, generator=gen)
-    model = EmpiricalDenoiser(train)
-    small = model.support(x, sigma, budget_bytes=6 * 16 * 4 * 200)  # at most 200 points per sample
-    assert (small is not None) == (sigma < 1)
-    got = empirical_jacobian_norm(model, x, sigma, iters=200, generator=torch.Generator().manual_seed(1),
-                                  support_bytes=6 * 16 * 4 * 200)
-    pts, xs = train.reshape(3000, -1).double().numpy(), x.reshape(6, -1).double().numpy()
-    want = []
-    for row in xs:
-        logits = -((pts - row) ** 2).sum(1) / (2 * sigma**2)
-        w = np.exp(logits - logits.max())
-        w /= w.sum()
-        centred = pts - w @ pts
-        want.append(np.linalg.eigvalsh((centred * w[:, None]).T @ centred / sigma**2).max())
-    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-3, atol=1e-6)

@@ -80,29 +80,15 @@ def model_jacobian_norm(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, it
 
 
 def empirical_jacobian_norm(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tensor | float, iters: int = 20,
-                            generator: torch.Generator | None = None, support_bytes: int = 256 * 2**20) -> Tensor:
+                            generator: torch.Generator | None = None) -> Tensor:
     """||dD*/dx||_2 = largest eigenvalue of Cov_w(x_i) / (sigma^2 T): power iteration v <- J v / ||J v||; (B,)."""
     x = x.detach().to(empirical.points.device)
     sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else sigma
     v = _start_vector(x, generator)
     with torch.no_grad():
-        support = empirical.support(x, sigma, budget_bytes=support_bytes)
-        jvp = (lambda u: _support_jvp(support, u)) if support is not None else (  # noqa: E731
-            lambda u: empirical.jvp(x, sigma, u))
         for _ in range(iters):
-            v = _normalise(jvp(v))
-        return _norms(jvp(v)).reshape(-1)
-
-
-def _support_jvp(support: tuple[Tensor, Tensor, Tensor], v: Tensor) -> Tensor:
-    """J v = sum_i w_i (x_i - D) ((x_i - D).v) / v_sigma over a fixed weight support (EmpiricalDenoiser.support),
-    centred so that a single dominant point gives 0, not a cancellation error: one pass over the training set per
-    batch instead of one per power iteration."""
-    w, pts, var = support
-    vf = v.reshape(v.shape[0], -1).to(pts.dtype)
-    centred = pts - torch.einsum("bs,bsd->bd", w, pts)[:, None, :]
-    jv = torch.einsum("bs,bsd->bd", w * torch.einsum("bsd,bd->bs", centred, vf), centred)
-    return (jv / var).reshape(v.shape).to(v.dtype)
+            v = _normalise(empirical.jvp(x, sigma, v))
+        return _norms(empirical.jvp(x, sigma, v)).reshape(-1)
 
 
 def step_expansion(denoiser: Denoiser, x: Tensor, s_cur: float, s_next: float, eps: float = 1e-3,
