@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from memaudit.data import load_images  # noqa: E402
 from memaudit.empirical import EmpiricalDenoiser  # noqa: E402
 from memaudit.metrics.fid import fid_proxy  # noqa: E402
-from memaudit.metrics.nn_ratio import nn_ratios  # noqa: E402
+from memaudit.metrics.nn_ratio import NN_RATIO_THRESHOLD, memorized, nn_ratios  # noqa: E402
 from memaudit.models.load import load_model  # noqa: E402
 from memaudit.sampling import SamplerConfig, sample  # noqa: E402
 from memaudit.smoothing.knn_graph import knn_graph  # noqa: E402
@@ -67,7 +67,7 @@ def measure(spec: str, train: torch.Tensor, held_out: torch.Tensor, samplers: tu
     out = {}
     for name in samplers:
         x, _ = sample(model, SAMPLES, SamplerConfig(sampler=name), seed=0, batch_size=128, nearest=nearest)
-        out[name] = {"memorized": float((nn_ratios(x, train).ratio < 1 / 3).double().mean()),
+        out[name] = {"memorized": memorized(nn_ratios(x, train).ratio.numpy(), NN_RATIO_THRESHOLD),
                      "holdout_proxy": fid_proxy(x, held_out)}
     return out
 

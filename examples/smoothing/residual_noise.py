@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from memaudit.data import load_images  # noqa: E402
-from memaudit.metrics.nn_ratio import nn_ratios  # noqa: E402
+from memaudit.metrics.nn_ratio import NN_RATIO_THRESHOLD, memorized, nn_ratios  # noqa: E402
 from memaudit.models.load import load_model  # noqa: E402
 from memaudit.sampling import SamplerConfig, cpu_noise, sample  # noqa: E402
 
@@ -63,7 +63,8 @@ def row(name: str, x: torch.Tensor, train: torch.Tensor, classifier) -> str:
     rms = float(nn.d1.mean()) / math.sqrt(x[0].numel())
     hf = float(F.conv2d(x, LAPLACE.to(x.dtype)).pow(2).mean())
     confidence = float(classifier.predict_proba(x.reshape(len(x), -1).numpy()).max(1).mean())
-    return f"| {name} | {float((nn.ratio < 1 / 3).double().mean()):.3f} | {rms:.3f} | {hf:.3f} | {confidence:.2f} |"
+    fraction = memorized(nn.ratio.numpy(), NN_RATIO_THRESHOLD)
+    return f"| {name} | {fraction:.3f} | {rms:.3f} | {hf:.3f} | {confidence:.2f} |"
 
 
 def main() -> None:

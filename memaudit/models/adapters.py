@@ -43,7 +43,21 @@ def network_output(out) -> Tensor:
                     "prediction tensor")
 
 
-class NetworkDenoiser(Denoiser):
+class ScheduledDenoiser(Denoiser):
+    """A denoiser whose valid sigma range is its schedule's (one source of truth, also after set_sigma_range)."""
+
+    schedule: Schedule
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+
+class NetworkDenoiser(ScheduledDenoiser):
     """D(x, sigma) from a network net(x_in, noise_in) under a schedule and a parameterisation.
 
     `fixed_noise_input`, when set, replaces the network's noise-level input by that constant
@@ -62,15 +76,6 @@ class NetworkDenoiser(Denoiser):
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.fixed_noise_input = fixed_noise_input
         self.x0_limit = x0_limit
-
-    @property
-    def sigma_min(self) -> float:
-        """The valid sigma range is the schedule's (one source of truth, also after set_sigma_range)."""
-        return self.schedule.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.schedule.sigma_max
 
     def network_inputs(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(x_in, noise_in) that the wrapped network expects for EDM input x at noise level sigma."""

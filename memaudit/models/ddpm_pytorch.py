@@ -13,7 +13,6 @@ The file is read weights-only, never unpickled.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from memaudit.errors import UserError
 from memaudit.models.adapters import NetworkDenoiser
 from memaudit.models.json_args import parse_json_object, read_json_arg
-from memaudit.models.safe_pickle import safe_torch_load
+from memaudit.models.safe_pickle import safe_torch_load, torch_pickle_bytes
 from memaudit.models.schedules import Schedule
 from memaudit.models.statedict import load_strict
 from memaudit.models.x0_limits import X0Limit
@@ -40,12 +39,7 @@ EMA_PREFIX = "ema_model."
 
 def is_ddpm_checkpoint(path: Path) -> bool:
     """True for a torch zip file whose pickle names the GaussianDiffusion buffers (nothing is unpickled)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            pickled = archive.read(names[0]) if names else b""
-    except (OSError, zipfile.BadZipFile, KeyError):
-        return False
+    pickled = torch_pickle_bytes(path)
     return all(marker in pickled for marker in MARKERS) and b"model." in pickled
 
 

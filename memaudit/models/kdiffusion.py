@@ -9,17 +9,16 @@ calls it as it is. The config comes from --model-config, else the checkpoint's o
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from memaudit.denoiser import Denoiser
+from memaudit.models.adapters import ScheduledDenoiser
 from memaudit.errors import UserError
 from memaudit.models.json_args import read_json_arg
-from memaudit.models.safe_pickle import safe_torch_load
+from memaudit.models.safe_pickle import safe_torch_load, torch_pickle_bytes
 from memaudit.models.schedules import Schedule
 from memaudit.models.statedict import load_strict
 
@@ -30,12 +29,7 @@ CONDITIONING = ("mapping_cond_dim", "unet_cond_dim", "cross_cond_dim")
 
 def is_kdiffusion_checkpoint(path: Path) -> bool:
     """True for a torch zip file whose pickle names 'model_ema' (nothing is unpickled)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            pickled = archive.read(names[0]) if names else b""
-    except (OSError, zipfile.BadZipFile, KeyError):
-        return False
+    pickled = torch_pickle_bytes(path)
     return MARKER in pickled and b"sqrt_recipm1_alphas_cumprod" not in pickled
 
 
@@ -74,7 +68,7 @@ def check_unconditional(config: dict, path: Path) -> None:
                         "memaudit loads unconditional ones")
 
 
-class KDiffusionDenoiser(Denoiser):
+class KDiffusionDenoiser(ScheduledDenoiser):
     """D(x, sigma) = k-diffusion's own denoiser wrapper around its inner model."""
 
     def __init__(self, wrapper: nn.Module, schedule: Schedule, image_shape: Optional[tuple[int, int, int]]):
@@ -83,14 +77,6 @@ class KDiffusionDenoiser(Denoiser):
         self.param = "edm"
         self.schedule = schedule
         self.image_shape = image_shape
-
-    @property
-    def sigma_min(self) -> float:
-        return self.schedule.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.schedule.sigma_max
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.wrapper(x, sigma)

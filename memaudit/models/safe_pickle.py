@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,17 @@ def safe_torch_load(path: str | Path, *, trust_pickle: bool = False, map_locatio
         raise UserError(f"{path}: not a readable torch checkpoint ({_reason(exc)})" + (
             "; it is a plain pickle, which can run arbitrary code: pass --trust-pickle only if you trust its source"
             if plain else "")) from None
+
+
+def torch_pickle_bytes(path: str | Path) -> bytes:
+    """The raw pickle of a torch.save zip archive (its data.pkl), not unpickled, so a format can be detected from
+    the names it holds; b"" for anything that is not such an archive."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            return archive.read(names[0]) if names else b""
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return b""
 
 
 def _starts_like_pickle(path: Path) -> bool:

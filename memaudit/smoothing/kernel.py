@@ -21,12 +21,17 @@ DEFAULT_SAMPLES = 16
 MAX_BATCH = 4096  # perturbed rows evaluated at once
 
 
+def check_samples(samples: int, setting: str = "samples") -> None:
+    """The Monte Carlo sample count must be even and >= 2: antithetic pairs e, -e keep the mean at 0."""
+    if samples < 2 or samples % 2:
+        raise SettingError(setting, samples, "an even number >= 2 (antithetic pairs e, -e keep the mean at 0)")
+
+
 def kernel_perturbations(shape: tuple, h: float, samples: int, seed: int = 0) -> Tensor:
     """(S, *shape): h times standard normal draws in antithetic pairs (e_1, -e_1, e_2, -e_2, ...), seeded."""
     if not (h >= 0 and h < float("inf")):
         raise SettingError("kernel", h, "a finite bandwidth h >= 0")
-    if samples < 2 or samples % 2:
-        raise SettingError("samples", samples, "an even number >= 2 (antithetic pairs e, -e keep the mean at 0)")
+    check_samples(samples)
     half = torch.randn(((samples + 1) // 2, *shape), generator=torch.Generator().manual_seed(seed))
     return (h * torch.stack([half, -half], dim=1).reshape(-1, *shape))[:samples]
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.errors import SettingError
 from memaudit.features import feature_space
-from memaudit.smoothing.kernel import DEFAULT_SAMPLES, KernelSmoothedDenoiser
+from memaudit.smoothing.kernel import DEFAULT_SAMPLES, KernelSmoothedDenoiser, check_samples
 from memaudit.smoothing.knn_graph import knn_graph
 from memaudit.smoothing.power_law import DENOMINATORS, TemperatureSchedule, parse_temperature, smoothed_target
 
@@ -64,8 +64,7 @@ class SmoothingConfig:
             raise SettingError("denominator", self.denominator, f"one of {', '.join(DENOMINATORS)}")
         if self.kernel is not None and not (math.isfinite(self.kernel) and self.kernel > 0):
             raise SettingError("kernel", self.kernel, "a finite bandwidth h > 0")
-        if self.kernel_samples < 2 or self.kernel_samples % 2:
-            raise SettingError("kernel_samples", self.kernel_samples, "an even number >= 2 (antithetic pairs)")
+        check_samples(self.kernel_samples, "kernel_samples")
 
     @property
     def action(self) -> str:
