@@ -8,6 +8,7 @@ from torch import nn
 from jacobians import jacobian_of
 from memaudit.denoiser import Denoiser
 from memaudit.empirical import EmpiricalDenoiser
+from memaudit.empirical_support import find_support, smallest_support
 from memaudit.metrics.jacobian import empirical_jacobian_norm, jacobian_profile, model_jacobian_norm, step_expansion
 
 SHAPE = (1, 2, 3)  # d = 6
@@ -179,3 +180,74 @@ def test_profile():
     np.testing.assert_allclose(lin["model"], 0.5, rtol=1e-5)
     np.testing.assert_allclose(lin["step_expansion"], [abs(heun_factor(0.5, 1.0, 0.25)), 0.5], rtol=1e-3)
     np.testing.assert_allclose(np.array(lin["model"]) / np.array(lin["empirical"]), lin["ratio"])
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 3.0])
+def test_amortised_empirical_norm_matches_the_eigenvalues_of_the_weighted_covariance(sigma):
+    """M = 3000 points in R^16: the power iteration on the top-weight support (one pass over the training set)
+    gives the largest eigenvalue of Cov_w / sigma^2 computed in numpy from all M weights; at a large sigma,
+    where no small support holds the weight, it falls back to the streamed full sum."""
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(3000, 1, 4, 4, generator=gen)
+    x = train[:6] + 0.5 * sigma * torch.randn(6, 1, 4, 4, generator=gen)
+    model = EmpiricalDenoiser(train)
+    budget = 6 * 16 * 4 * 200  # at most 200 points per sample
+    assert (find_support(model, x, sigma, budget_bytes=budget) is not None) == (sigma < 1)
+    got = empirical_jacobian_norm(model, x, sigma, iters=200, generator=torch.Generator().manual_seed(1),
+                                  support_bytes=budget)
+    pts, xs = train.reshape(3000, -1).double().numpy(), x.reshape(6, -1).double().numpy()
+    want = []
+    for row in xs:
+        logits = -((pts - row) ** 2).sum(1) / (2 * sigma**2)
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        centred = pts - w @ pts
+        want.append(np.linalg.eigvalsh((centred * w[:, None]).T @ centred / sigma**2).max())
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-3, atol=1e-6)
+
+
+def test_support_bound_holds_against_the_full_softmax():
+    """The left-out weight of the support, computed from all M softmax weights in float64, is at most tol."""
+    gen = torch.Generator().manual_seed(3)
+    train = torch.randn(2000, 1, 4, 4, generator=gen)
+    x = train[:5] + 0.4 * torch.randn(5, 1, 4, 4, generator=gen)
+    model = EmpiricalDenoiser(train)
+    for tol in (1e-3, 1e-7):
+        support = find_support(model, x, 0.4, tol=tol, budget_bytes=5 * 16 * 4 * 400)  # <= 400 points
+        assert support is not None and support.size < 2000
+        logits = -((x.reshape(5, 1, -1).double() - train.reshape(1, 2000, -1).double()) ** 2).sum(-1) / (2 * 0.16)
+        w = torch.softmax(logits, 1)
+        top = w.topk(support.size, 1).values.sum(1)
+        assert float((1 - top).max()) <= tol * (1 + 1e-6)
+
+
+def test_smallest_support_is_the_first_s_whose_bound_holds():
+    """Hand-made logits: M = 10, rows of top-4 logits; the bound (M - S) exp(l_S - lse_S) read off by hand."""
+    logits = torch.tensor([[0.0, -30.0, -31.0, -32.0], [0.0, -1.0, -40.0, -41.0]])
+    # row 0: S = 1 gives 9 exp(0 - 0) = 9 > tol; S = 2: 8 exp(-30 - lse(0, -30)) = 8 e^-30 = 7.5e-13 <= 1e-7
+    # row 1: S = 2: 8 exp(-1 - lse(0, -1)) = 8 * 0.27 > tol; S = 3: 7 exp(-40 - lse) = 1.9e-17 -> S = 3
+    assert smallest_support(logits, 10, 1e-7) == 3
+    assert smallest_support(logits[:, :2], 10, 1e-7) is None  # row 1 needs 3 points
+    assert smallest_support(logits, 4, 1e-7) == 4  # S_max = M: nothing is left out
+
+
+def test_a_single_dominant_point_has_jacobian_exactly_zero_not_rounding_noise():
+    """x on a training image at small sigma: all the weight is on that image, so J = Cov_w / sigma^2 = 0. The
+    centred support sum gives 0; the uncentred streamed sum gives float32 cancellation of size eps ||x||^2 / sigma^2."""
+    gen = torch.Generator().manual_seed(4)
+    train = torch.rand(500, 3, 8, 8, generator=gen) * 2 - 1
+    model = EmpiricalDenoiser(train)
+    x = train[:4].clone()
+    exact = empirical_jacobian_norm(model, x, 0.02, iters=5, generator=torch.Generator().manual_seed(1))
+    assert float(exact.abs().max()) == 0.0
+    streamed = empirical_jacobian_norm(model, x, 0.02, iters=5, generator=torch.Generator().manual_seed(1),
+                                       support_bytes=0)
+    assert float(streamed.max()) > 0  # the noise the support removes
+
+
+def test_profile_ratio_is_none_where_the_empirical_norm_is_zero():
+    train, g = anisotropic_train(25, 0)
+    emp = EmpiricalDenoiser(train.float())
+    out = jacobian_profile(Linear(0.5), emp, train[:3].float(), [3.0, 1e-3], g, iters=5)
+    assert out["empirical"][1] == 0.0 and out["ratio"][1] is None
+    assert out["ratio"][0] == pytest.approx(out["model"][0] / out["empirical"][0])

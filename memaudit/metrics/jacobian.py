@@ -17,6 +17,7 @@ from torch import Tensor
 
 from memaudit.denoiser import Denoiser, as_sigma
 from memaudit.empirical import EmpiricalDenoiser
+from memaudit.empirical_support import DEFAULT_BUDGET, find_support
 from memaudit.metrics.base import SCAN, Metric, Plot, RunData, ScanContext, Series
 from memaudit.metrics.helpers import device_of
 from memaudit.numbers import finite, finite_or_none, fmt
@@ -62,7 +63,10 @@ def _jvp(f, x: Tensor, v: Tensor) -> Tensor:
 
 def model_jacobian_norm(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, iters: int = 10,
                         generator: torch.Generator | None = None) -> Tensor:
-    """||dD/dx||_2 per sample: v <- J^T J v / ||J^T J v|| for `iters` steps, then ||J v||; (B,)."""
+    """||dD/dx||_2 per sample: v <- J^T J v / ||J^T J v|| for `iters` steps, then ||J v||; (B,).
+    A closed-form (empirical) model has an analytic, symmetric J: its norm comes from empirical_jacobian_norm."""
+    if isinstance(denoiser, EmpiricalDenoiser):
+        return empirical_jacobian_norm(denoiser, x, sigma, iters, generator)
     x = x.detach().to(device_of(denoiser, x.device))
     sigma = as_sigma(sigma, x).detach()
 
@@ -80,15 +84,19 @@ def model_jacobian_norm(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, it
 
 
 def empirical_jacobian_norm(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tensor | float, iters: int = 20,
-                            generator: torch.Generator | None = None) -> Tensor:
-    """||dD*/dx||_2 = largest eigenvalue of Cov_w(x_i) / (sigma^2 T): power iteration v <- J v / ||J v||; (B,)."""
+                            generator: torch.Generator | None = None, support_bytes: int = DEFAULT_BUDGET) -> Tensor:
+    """||dD*/dx||_2 = largest eigenvalue of Cov_w(x_i) / (sigma^2 T): power iteration v <- J v / ||J v||; (B,).
+    Amortised: where a few points carry the weight (memaudit.empirical_support), one pass over the training set
+    finds them and the iterations run on them, centred (exactly 0 for one point); elsewhere each iteration streams."""
     x = x.detach().to(empirical.points.device)
     sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else sigma
     v = _start_vector(x, generator)
     with torch.no_grad():
+        support = find_support(empirical, x, sigma, budget_bytes=support_bytes)
+        jvp = support.jvp if support is not None else (lambda u: empirical.jvp(x, sigma, u))  # noqa: E731
         for _ in range(iters):
-            v = _normalise(empirical.jvp(x, sigma, v))
-        return _norms(empirical.jvp(x, sigma, v)).reshape(-1)
+            v = _normalise(jvp(v))
+        return _norms(jvp(v)).reshape(-1)
 
 
 def step_expansion(denoiser: Denoiser, x: Tensor, s_cur: float, s_next: float, eps: float = 1e-3,
@@ -154,7 +162,12 @@ class Jacobian(Metric):
         if self.sections(report) is None:
             return []
         value = (report.get("summary") or {}).get("jacobian_ratio_max")
-        return [f"jacobian spectral norm ratio model/empirical: max {fmt(value)}"]
+        line = f"jacobian spectral norm ratio model/empirical: max {fmt(value)}"
+        zero = [s for s, e in zip(self.sections(report)["sigmas"], self.sections(report)["empirical"]) if e == 0]
+        if zero:
+            line += (f" (undefined at sigma <= {fmt(max(zero))}: there one training image carries all the empirical "
+                     "weight, so the empirical Jacobian is 0)")
+        return [line]
 
     def plots(self, report: Mapping) -> list[Plot]:
         jac = self.sections(report)
