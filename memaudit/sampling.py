@@ -202,23 +202,29 @@ def adaptive(denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], noise: Opti
 @dataclass(frozen=True)
 class Sampler:
     """A table entry: the function, whether it draws noise, whether it reads the training set (`nearest`), and
-    one line for --help and the docs."""
+    one line for --help and the docs, and how many model evaluations a sample takes with N steps (the cost model)."""
 
     fn: Callable[..., Tensor]
     stochastic: bool
     summary: str
     needs_nearest: bool = False
+    evals: Callable[[int], int] = lambda steps: steps
+
+
+def _two_per_step(steps: int) -> int:
+    """Heun: two evaluations per step, one for the last (it ends at sigma = 0)."""
+    return 2 * steps - 1
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "heun": Sampler(heun, False, "EDM Heun, 2nd-order ODE (Karras et al. 2022, Alg. 1)"),
+    "heun": Sampler(heun, False, "EDM Heun, 2nd-order ODE (Karras et al. 2022, Alg. 1)", evals=_two_per_step),
     "euler": Sampler(euler, False, "Euler, 1st-order ODE"),
     "sde": Sampler(dpmpp_2m_sde, True, "reverse SDE, DPM-Solver++(2M) SDE (Lu et al. 2022)"),
     "edm-sde": Sampler(partial(heun, s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003), True,
-                       "EDM stochastic Heun, S_churn 40 (Karras et al. 2022, Alg. 2)"),
+                       "EDM stochastic Heun, S_churn 40 (Karras et al. 2022, Alg. 2)", evals=_two_per_step),
     "ddpm": Sampler(ancestral, True, "DDPM ancestral, eta 1 (Ho et al. 2020)"),
     "pc": Sampler(predictor_corrector, True, "predictor-corrector: reverse diffusion + Langevin, snr 0.16 "
-                                             "(Song et al. 2021)"),
+                                             "(Song et al. 2021)", evals=lambda steps: 2 * steps),
     "adaptive": Sampler(adaptive, False, "adaptive step at the implicit noise level ||x - NN(x)||/sqrt(d), for "
                                          "unconditioned models (Zhou et al. 2026)", needs_nearest=True),
 }

@@ -300,3 +300,24 @@ def scan_sections(ctx: ScanContext) -> dict:
             out[metric.name] = section
         advance(1)
     return out
+
+
+def dry_run(model: Denoiser, train: Tensor, config: ScanConfig, holdout: Optional[Tensor] = None) -> list[str]:
+    """The --dry-run plan: each phase's predicted FLOPs, model rows, memory and seconds (memaudit.cost), from
+    this machine's measured GEMM rate and the model's measured per-row costs; nothing is sampled."""
+    from memaudit import cost
+
+    config.validate()
+    workload = cost.Workload(
+        num_train=int(train.shape[0]), dim=int(math.prod(train.shape[1:])), num_samples=config.num_samples,
+        samplers=tuple(config.samplers), steps=config.steps, record=trajectory_rows(config, model.image_shape or
+                                                                                    tuple(train.shape[1:])),
+        cosine_points=config.cosine_points, jacobian_points=config.jacobian_points,
+        jacobian_iters=config.jacobian_iters, metric_sigmas=config.metric_sigmas, topk=config.topk,
+        batch_size=config.batch_size, empirical_model=isinstance(model, EmpiricalDenoiser),
+        holdout=int(holdout.shape[0]) if holdout is not None else 0,
+        match_transforms=(2 if config.match_flips else 1) * (2 * config.match_shifts + 1) ** 2,
+        extra={"sigmas": metric_sigmas(model, config.metric_sigmas)})
+    rates = cost.measure_rates(workload, model, tuple(train.shape[1:]), torch.device(config.device))
+    phases = cost.plan(workload, rates, METRICS, config.computes)
+    return cost.format_plan(phases, rates, workload)

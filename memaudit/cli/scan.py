@@ -19,7 +19,7 @@ from memaudit.metrics import summary_keys
 from memaudit.progress import progress_tracker
 from memaudit.report import attach_gates, print_summary, write_html, write_json, write_junit
 from memaudit.report.html import check_html_folder
-from memaudit.scan import ScanConfig, run_scan
+from memaudit.scan import ScanConfig, dry_run as plan_scan, run_scan
 
 DEFAULTS = ScanConfig()
 
@@ -80,6 +80,8 @@ def scan(
     channels: Optional[int] = opt.CHANNELS,
     seed: int = opt.SEED,
     device: str = opt.DEVICE,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print each phase's predicted FLOPs, memory and seconds "
+                                 "(from this machine's measured rates) and stop: nothing is sampled."),
     quiet: bool = opt.QUIET,
 ) -> int:
     """Audit MODEL for memorization of the training images DATA."""
@@ -91,6 +93,8 @@ def scan(
                         sigma_min=sigma_min, sigma_max=sigma_max, dup_tol=dup_tol,
                         match_flips=match_flips, match_shifts=match_shifts, fpr=fpr)
     config.validate()
+    if dry_run:
+        check_dry_run(fail_on, json_out, html_out, junit_out, resume)
     check_distinct_paths(inputs={"MODEL": model, "DATA": data, **({"--holdout": holdout} if holdout else {})},
                          outputs={"--json": json_out, "--junit": junit_out, "--html": html_out})
     check_outputs(json_out, html_out, junit_out)  # now, not after a long scan
@@ -111,6 +115,10 @@ def scan(
         held = load_dataset(holdout, resize=resize, channels=channels,
                             value_range=parse_value_range(value_range)).images
         data_info["holdout"] = {"path": str(holdout), "num_images": int(held.shape[0])}
+    if dry_run:
+        for line in plan_scan(denoiser, train, config, holdout=held):
+            Console().print(line, markup=False, highlight=False)
+        return 0
     root = work_folder(workdir, quiet)
     notes = Console(stderr=True)
     try:
@@ -127,6 +135,15 @@ def scan(
         shutil.rmtree(result.workdir, ignore_errors=True)  # only once every report is written
     print_summary(result.report, Console())
     return exit_code(result.report["status"])
+
+
+def check_dry_run(fail_on, json_out, html_out, junit_out, resume: bool) -> None:
+    """UserError when --dry-run comes with what needs a measurement: a dry run must never pass a gate."""
+    clashes = [name for name, value in (("--fail-on", fail_on), ("--json", json_out), ("--html", html_out),
+                                        ("--junit", junit_out), ("--resume", resume)) if value]
+    if clashes:
+        raise UserError(f"--dry-run measures nothing, so it cannot be combined with {', '.join(clashes)}; "
+                        "drop --dry-run to run the scan")
 
 
 def work_folder(workdir: Optional[Path], quiet: bool) -> Optional[Path]:

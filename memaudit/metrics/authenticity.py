@@ -53,6 +53,10 @@ class Authenticity(Metric):
         return {"num_samples": int(len(flags)), **fraction_fields("authenticity", int(flags.sum()), len(flags)),
                 "authentic": [bool(v) for v in flags]}
 
+    def cost(self, w, sampler=None):
+        """The training set's own nearest neighbours (once per scan: the first run) and the samples'."""
+        first = sampler is None or sampler == w.samplers[0]
+        return w.search_rows(w.num_samples + (w.num_train if first else 0))
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         out = {}
         for key in self.summary_keys:

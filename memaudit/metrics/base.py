@@ -138,6 +138,13 @@ class Metric:
         """The report section: of one run (scope RUN) or of the scan (scope SCAN)."""
         raise NotImplementedError
 
+    def cost(self, workload: Any, sampler: Optional[str] = None) -> Any:
+        """Its work for the --dry-run cost model (memaudit.cost.Work) in one run of `sampler` (scope RUN) or in
+        the scan (SCAN); the default is negligible work."""
+        from memaudit.cost import Work
+
+        return Work()
+
     def summarize(self, sections: Any) -> dict[str, Optional[float]]:
         """Gateable numbers from the sections: {sampler: section} (scope RUN) or the section (scope SCAN);
         keys are those of summary_keys and run_keys with {sampler} filled in."""

@@ -90,6 +90,9 @@ class Calibration(Metric):
                 "ct_baseline": finite_or_none(base.ct) if base is not None else None,
                 **fraction_fields("authenticity", int(auth.sum()), n)}
 
+    def cost(self, w, sampler=None):
+        """A search of the held-out images."""
+        return w.search_rows(w.holdout)
     def summarize(self, section: Mapping) -> dict:
         if not section or not section.get("calibrated"):
             return {key: None for key in self.summary_keys}

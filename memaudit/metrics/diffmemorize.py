@@ -57,6 +57,9 @@ class DiffMemorize(Metric):
                 "mean_nn_distance": finite_or_none(d1.mean()) if n else None,
                 "ratios": [finite_or_none(v) for v in ratio.tolist()]}
 
+    def cost(self, w, sampler=None):
+        """One exact search of the samples in uint8 pixel units."""
+        return w.search_rows(w.num_samples)
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         out = {}
         for key, field in (("diffmemorize_fraction", "memorized_fraction"),

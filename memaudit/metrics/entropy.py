@@ -138,6 +138,9 @@ class Entropy(Metric):
     def compute(self, ctx: ScanContext, run: Optional[RunData] = None) -> dict:
         return trajectory_entropy(ctx.empirical, run.trajectories, ctx.config.topk, labels=ctx.duplicates.labels)
 
+    def cost(self, w, sampler=None):
+        """Top-k logits (one GEMM, 2 M d) at every recorded step, and BISECTION_STEPS more for collapse_sigma."""
+        return w.search_rows(w.record * (w.steps + BISECTION_STEPS))
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         finals = [float(e["final_mean"]) for e in sections.values() if finite_or_none(e.get("final_mean")) is not None]
         collapses = [section_collapse(e) for e in sections.values() if e.get("sigmas")]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from memaudit.cost import Work
 from memaudit.errors import UserError, first_lines
 from memaudit.features import INCEPTION_FILE, cleanfid_available, inception_cache_path, inception_features  # noqa: F401
 from memaudit.metrics.base import SCAN, Metric, RunData, ScanContext
@@ -164,6 +165,14 @@ class FID(Metric):
             return None
         first = ctx.runs[next(iter(ctx.runs))].samples
         return [asdict(r) for r in compute_fid(first, ctx.train.cpu(), ctx.config.device, mode=ctx.config.fid)]
+
+    def cost(self, w, sampler=None):
+        """The proxy, in float64 (counted twice): the PCA fit on min(M, 5000) images (covariance or Gram matrix and
+        its eigh, 6 n^3 at the measured eigh rate), then the training set and the samples projected on 64 directions."""
+        fit = min(w.num_train, MAX_PCA_FIT)
+        n = min(fit, w.dim)
+        fitting = 2.0 * fit * w.dim * n
+        return Work(flops=2 * (fitting + 2.0 * (w.num_train + w.num_samples) * w.dim * 64), eigh_flops=6.0 * n ** 3)
 
     def summarize(self, entries: Optional[list]) -> dict:
         out = {"fid": None, "fid_proxy": None}

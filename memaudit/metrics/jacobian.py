@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
+from memaudit.cost import Work
 from memaudit.denoiser import Denoiser, as_sigma
 from memaudit.empirical import EmpiricalDenoiser
 from memaudit.empirical_support import DEFAULT_BUDGET, find_support
@@ -150,6 +151,17 @@ class Jacobian(Metric):
         return jacobian_profile(ctx.model, ctx.empirical, ctx.train[pick.to(ctx.train.device)], ctx.sigmas,
                                 ctx.generator, iters=cfg.jacobian_iters, sampler=cfg.samplers[0],
                                 nearest=ctx.empirical.nearest_distance)
+
+    def cost(self, w, sampler=None):
+        """Per metric sigma and point: the empirical norm (a support pass, 2 M d; where the weight is spread, taken
+        as sigma >= 1, every power iteration streams two GEMMs and a product, 6 M d), the model's (the same for a
+        closed-form model, else iters + 1 J^T J products through the network) and one sampler step twice."""
+        points, sigmas = min(w.jacobian_points, w.num_train), w.metric_sigmas
+        spread = sum(1 for s in w.extra.get("sigmas", []) if s >= 1.0)
+        empirical = Work(flops=2.0 * w.num_train * w.dim * points * (sigmas + 3 * spread * (w.jacobian_iters + 1)))
+        model = empirical if w.empirical_model else Work(jacobian_rows=points * sigmas * (w.jacobian_iters + 1))
+        step = w.model_rows(2 * points * sigmas * (SAMPLERS[w.samplers[0]].evals(2) - SAMPLERS[w.samplers[0]].evals(1)))
+        return empirical + model + step
 
     def summarize(self, jac: Optional[Mapping]) -> dict:
         ratios = finite((jac or {}).get("ratio") or [])

@@ -77,6 +77,9 @@ class Match(Metric):
                              "transform": names[int(tr[i, 0])]} for i in range(n)],
                 "worst": order[:WORST_PAIRS]}
 
+    def cost(self, w, sampler=None):
+        """One search per transform beyond the identity (flips, shifts)."""
+        return w.search_rows(w.num_samples * (w.match_transforms - 1))
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         out = {}
         for key, field in ((KEY, "memorized_fraction"), (f"{KEY}_lower", "memorized_fraction_lower"),

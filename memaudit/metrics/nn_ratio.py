@@ -180,6 +180,9 @@ class NNRatio(Metric):
         nn = ratios(dist, idx, ctx.duplicates)
         return section(nn.ratio, nn.d1, nn.d2, nn.nearest, threshold=ctx.config.threshold, ratio_plain=nn.ratio_plain)
 
+    def cost(self, w, sampler=None):
+        """One exact search of the samples (2 M d FLOPs a row)."""
+        return w.search_rows(w.num_samples)
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         out: dict[str, Optional[float]] = {key: None for key in self.summary_keys}
         fractions, mins, weighted = [], [], []

@@ -91,6 +91,11 @@ class ScoreCosine(Metric):
         return cosine_on_training_points(ctx.model, ctx.empirical, ctx.train, ctx.sigmas, ctx.config.cosine_points,
                                          ctx.generator)
 
+    def cost(self, w, sampler=None):
+        """The model and D* at cosine_points noisy training images per metric sigma."""
+        rows = min(w.cosine_points, w.num_train) * w.metric_sigmas
+        return w.model_rows(rows) + w.empirical_rows(rows)
+
     def summarize(self, sc: Optional[Mapping]) -> dict:
         out = {key: None for key in self.summary_keys}
         pairs = [(s, m) for s, m in zip((sc or {}).get("sigmas") or [], (sc or {}).get("mean") or [])

@@ -113,6 +113,9 @@ class TiledL2(Metric):
                              "nearest": int(train_nn[i])} for i in range(n)],
                 "worst": order[:WORST_PAIRS]}
 
+    def cost(self, w, sampler=None):
+        """One search per tile position: the tiles together are d wide, so about one full search."""
+        return w.search_rows(w.num_samples)
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         def pick(field, how):
             values = finite(s.get(field) for s in sections.values() if s)

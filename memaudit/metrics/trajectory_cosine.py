@@ -21,6 +21,9 @@ class TrajectoryCosine(Metric):
     def validate(self, section, c, where: str) -> None:
         validate_curve(section, c, where)
 
+    def cost(self, w, sampler=None):
+        """D* (two GEMMs) at every recorded step."""
+        return w.empirical_rows(w.record * w.steps)
     def plots(self, report: Mapping) -> list[Plot]:
         sections = self.sections(report)
         series = [Series(f"{name} trajectory", sections[name]["sigmas"], sections[name]["mean"], run=name)
