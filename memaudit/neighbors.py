@@ -73,9 +73,13 @@ class NeighborIndex:
         keep = dist <= radius
         return list(zip(rows[keep].tolist(), idx[keep].astype(np.int64).tolist()))
 
+    def _candidates(self, q: np.ndarray, k: int) -> np.ndarray:
+        """The k candidate indices per query row (faiss's own ranking)."""
+        return self.index.search(q, k)[1]
+
     def _search_batch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """faiss search, then exact distances to the k candidates and a stable re-sort."""
-        _, idx = self.index.search(q, k)
+        idx = self._candidates(q, k)
         dist = np.empty(idx.shape, dtype=np.float32)
         for j in range(k):
             diff = q - self.index.reconstruct_batch(idx[:, j])

@@ -26,6 +26,7 @@ from memaudit.empirical import EmpiricalDenoiser
 from memaudit.errors import SettingError, UserError
 from memaudit.features import feature_space
 from memaudit.fingerprints import data_fingerprint, model_fingerprint
+from memaudit.indexes import parse_index
 from memaudit.metrics import METRICS, SKIP_CHOICES, skipped
 from memaudit.metrics.base import RUN, RunData, ScanContext
 from memaudit.metrics.fid import FID_MODES
@@ -75,6 +76,8 @@ class ScanConfig:
     match_flips: bool = False  # the match metric: also compare each sample's mirror image
     match_shifts: int = 0  # ... and its shifts by up to this many pixels
     fpr: float = 0.01  # the calibration metric: target false-positive rate on held-out real images
+    index: str = "exact"  # the neighbour index (memaudit.indexes), e.g. "ivf" or "ivf:nlist=1024,nprobe=64"
+    min_recall: float = 0.99  # with an approximate index: the recall@1 below which the scan fails
 
     def validate(self) -> None:
         if not self.samplers:
@@ -101,6 +104,9 @@ class ScanConfig:
             raise SettingError("match_shifts", self.match_shifts, f"an integer in [0, {MAX_SHIFTS}]")
         if not (math.isfinite(self.fpr) and 0 < self.fpr < 1):
             raise SettingError("fpr", self.fpr, "in (0, 1)")
+        parse_index(self.index)
+        if not (math.isfinite(self.min_recall) and 0 <= self.min_recall <= 1):
+            raise SettingError("min_recall", self.min_recall, "in [0, 1]")
         for name in ("sigma_min", "sigma_max"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -133,7 +139,7 @@ class ScanConfig:
                 "trajectory_samples": self.trajectory_samples, "cosine_points": self.cosine_points,
                 "jacobian_points": self.jacobian_points, "skip": sorted(self.skip), "fid": self.fid,
                 "dup_tol": self.dup_tol, "match_flips": self.match_flips, "match_shifts": self.match_shifts,
-                "fpr": self.fpr}
+                "fpr": self.fpr, "index": self.index}
 
 
 @dataclass
@@ -257,7 +263,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     device = torch.device(config.device)
     train_dev = train.to(device)
     features = feature_space(config.features, device, tuple(train.shape[1:]))
-    index = training_index(train_dev, features)
+    index = training_index(train_dev, features, index=config.index)
     duplicates = training_duplicates(index, config.dup_tol, note)
     ctx = ScanContext(model=model, empirical=EmpiricalDenoiser(train_dev), train=train_dev, config=config,
                       features=features, index=index, duplicates=duplicates, runs={},
@@ -317,7 +323,7 @@ def dry_run(model: Denoiser, train: Tensor, config: ScanConfig, holdout: Optiona
         batch_size=config.batch_size, empirical_model=isinstance(model, EmpiricalDenoiser),
         holdout=int(holdout.shape[0]) if holdout is not None else 0,
         match_transforms=(2 if config.match_flips else 1) * (2 * config.match_shifts + 1) ** 2,
-        extra={"sigmas": metric_sigmas(model, config.metric_sigmas)})
+        extra={"sigmas": metric_sigmas(model, config.metric_sigmas), "ivf": parse_index(config.index)[0] != "exact"})
     rates = cost.measure_rates(workload, model, tuple(train.shape[1:]), torch.device(config.device))
     phases = cost.plan(workload, rates, METRICS, config.computes)
     return cost.format_plan(phases, rates, workload)

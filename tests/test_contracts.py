@@ -216,7 +216,8 @@ def test_resnet18_features_are_unit_norm_and_512_wide(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_report(digits32_module):
     config = ScanConfig(num_samples=6, batch_size=6, samplers=("heun", "sde"), steps=4, trajectory_samples=6,
-                        cosine_points=4, jacobian_points=2, jacobian_iters=2, metric_sigmas=3, fid="proxy")
+                        cosine_points=4, jacobian_points=2, jacobian_iters=2, metric_sigmas=3, fid="proxy",
+                        index="ivf:nlist=2,nprobe=2")  # every cell scanned (exact), so index_recall writes its section
     return run_scan(EmpiricalDenoiser(digits32_module, temperature=2.0), digits32_module, config,
                     model_info={"spec": "empirical:T=2", "kind": "empirical", "sigma_min": 0.002,
                                 "sigma_max": 80.0, "image_shape": [1, 8, 8]},

@@ -15,6 +15,7 @@ from memaudit.cli import options as opt
 from memaudit.data import load_dataset, parse_value_range
 from memaudit.errors import UserError
 from memaudit.gates import check_gate_metrics, exit_code, parse_gates
+from memaudit.indexes import parse_index
 from memaudit.metrics import summary_keys
 from memaudit.progress import progress_tracker
 from memaudit.report import attach_gates, print_summary, write_html, write_json, write_junit
@@ -67,6 +68,11 @@ def scan(
                                      "trained with x-flip can emit mirrored copies): d = min over the transforms."),
     match_shifts: int = typer.Option(0, "--match-shifts", metavar="N", help="Also match shifts by up to N pixels "
                                      "(with --match-flips, of the mirror image too)."),
+    index: str = typer.Option(DEFAULTS.index, "--index", metavar="KIND", help="Neighbour search: exact, or ivf "
+                              "(faiss IVF for millions of images; ivf:nlist=N,nprobe=P); ivf's recall is measured "
+                              "on the samples and a recall under --min-recall fails the scan."),
+    min_recall: float = typer.Option(DEFAULTS.min_recall, "--min-recall", help="With --index ivf: the recall@1 "
+                                     "below which the scan fails (exit 1)."),
     param: Optional[opt.ParamName] = opt.PARAM,
     schedule: Optional[opt.ScheduleName] = opt.SCHEDULE,
     factory: Optional[str] = opt.FACTORY,
@@ -86,12 +92,13 @@ def scan(
 ) -> int:
     """Audit MODEL for memorization of the training images DATA."""
     sampler, skip = opt.values(sampler), opt.values(skip)
-    gates = parse_gates(fail_on)
+    gates = parse_gates(fail_on) + recall_gate(index, min_recall)
     check_gate_metrics(gates, summary_keys(sampler))
     config = ScanConfig(num_samples=samples, samplers=tuple(sampler), steps=steps, seed=seed, batch_size=batch_size,
                         threshold=threshold, topk=topk, features=features, fid=fid, device=device, skip=tuple(skip),
                         sigma_min=sigma_min, sigma_max=sigma_max, dup_tol=dup_tol,
-                        match_flips=match_flips, match_shifts=match_shifts, fpr=fpr)
+                        match_flips=match_flips, match_shifts=match_shifts, fpr=fpr, index=index,
+                        min_recall=min_recall)
     config.validate()
     if dry_run:
         check_dry_run(fail_on, json_out, html_out, junit_out, resume)
@@ -135,6 +142,12 @@ def scan(
         shutil.rmtree(result.workdir, ignore_errors=True)  # only once every report is written
     print_summary(result.report, Console())
     return exit_code(result.report["status"])
+
+
+def recall_gate(index: str, min_recall: float) -> list:
+    """With an approximate index, the automatic gate that fails the scan when its measured recall is too low
+    (a missed neighbour undercounts copies: fail closed)."""
+    return [] if parse_index(index)[0] == "exact" else parse_gates([f"index_recall<{min_recall!r}"])
 
 
 def check_dry_run(fail_on, json_out, html_out, junit_out, resume: bool) -> None:

@@ -12,6 +12,7 @@ entropy            entropy of the top-k empirical weights along sampling traject
 trajectory_cosine  1 - cos(D(x,s) - x, D*(x,s) - x) at the points the sampler visits
 score_cosine       the same on noisy training points
 jacobian           spectral norm of dD/dx (model vs empirical) and one-step sampler expansion
+index_recall       with --index ivf: recall of the approximate index against exact search, on the samples
 fid                Frechet distance: clean-fid's Inception when present, plus an offline pixel-PCA proxy
 calibration        the NN-ratio rule's false-positive rate on held-out real images and a calibrated threshold
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from memaudit.metrics import (adaptive_l2, attribution, authenticity, calibration, ct_score, diffmemorize, entropy,
-                              fid, jacobian, match, nn_ratio, score_cosine, tiled_l2, trajectory_cosine)
+                              fid, index_recall, jacobian, match, nn_ratio, score_cosine, tiled_l2, trajectory_cosine)
 from memaudit.metrics.base import RUN, SCAN, Metric, sampler_key
 
 METRICS: tuple[Metric, ...] = (
@@ -40,6 +41,7 @@ METRICS: tuple[Metric, ...] = (
     trajectory_cosine.METRIC,
     score_cosine.METRIC,
     jacobian.METRIC,
+    index_recall.METRIC,
     fid.METRIC,
     calibration.METRIC,
 )

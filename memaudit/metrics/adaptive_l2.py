@@ -50,6 +50,7 @@ class AdaptiveL2(Metric):
     def cost(self, w, sampler=None):
         """One exact search of the samples for their 50 nearest."""
         return w.search_rows(w.num_samples)
+
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         mins = finite(s.get("min") for s in sections.values())
         fractions = finite(s.get("fraction") for s in sections.values())

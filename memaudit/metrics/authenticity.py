@@ -57,6 +57,7 @@ class Authenticity(Metric):
         """The training set's own nearest neighbours (once per scan: the first run) and the samples'."""
         first = sampler is None or sampler == w.samplers[0]
         return w.search_rows(w.num_samples + (w.num_train if first else 0))
+
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         out = {}
         for key in self.summary_keys:

@@ -93,6 +93,7 @@ class Calibration(Metric):
     def cost(self, w, sampler=None):
         """A search of the held-out images."""
         return w.search_rows(w.holdout)
+
     def summarize(self, section: Mapping) -> dict:
         if not section or not section.get("calibrated"):
             return {key: None for key in self.summary_keys}

@@ -38,6 +38,7 @@ class CTScore(Metric):
     def cost(self, w, sampler=None):
         """With held-out images: searches of the samples and the held-out set."""
         return w.search_rows(w.num_samples + w.holdout) if w.holdout else w.search_rows(0)
+
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         values = finite(s.get("ct") for s in sections.values() if s)
         return {"ct_score": min(values) if values else None}

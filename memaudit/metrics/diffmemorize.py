@@ -60,6 +60,7 @@ class DiffMemorize(Metric):
     def cost(self, w, sampler=None):
         """One exact search of the samples in uint8 pixel units."""
         return w.search_rows(w.num_samples)
+
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         out = {}
         for key, field in (("diffmemorize_fraction", "memorized_fraction"),

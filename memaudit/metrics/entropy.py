@@ -141,6 +141,7 @@ class Entropy(Metric):
     def cost(self, w, sampler=None):
         """Top-k logits (one GEMM, 2 M d) at every recorded step, and BISECTION_STEPS more for collapse_sigma."""
         return w.search_rows(w.record * (w.steps + BISECTION_STEPS))
+
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         finals = [float(e["final_mean"]) for e in sections.values() if finite_or_none(e.get("final_mean")) is not None]
         collapses = [section_collapse(e) for e in sections.values() if e.get("sigmas")]

@@ -80,6 +80,7 @@ class Match(Metric):
     def cost(self, w, sampler=None):
         """One search per transform beyond the identity (flips, shifts)."""
         return w.search_rows(w.num_samples * (w.match_transforms - 1))
+
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         out = {}
         for key, field in ((KEY, "memorized_fraction"), (f"{KEY}_lower", "memorized_fraction_lower"),

@@ -21,6 +21,7 @@ from memaudit.features import FeatureSpace, embed
 from memaudit.intervals import fraction_fields
 from memaudit.metrics.base import (RUN, Column, Histogram, Metric, Note, PairGrid, RunData, ScanContext,
                                    sampler_key)
+from memaudit.indexes import build_index
 from memaudit.neighbors import NeighborIndex
 from memaudit.numbers import finite, finite_or_none, floats, fmt
 
@@ -44,11 +45,13 @@ class NNResult:
     d2_plain: Optional[Tensor] = None
 
 
-def training_index(train: Tensor, features: Optional[FeatureSpace] = None, batch_size: int = 256) -> NeighborIndex:
-    """The neighbour index of the (embedded) training images, to reuse across nn_ratios calls."""
+def training_index(train: Tensor, features: Optional[FeatureSpace] = None, batch_size: int = 256,
+                   index: str = "exact") -> NeighborIndex:
+    """The neighbour index (memaudit.indexes: `index` names its kind) of the (embedded) training images, to reuse
+    across nn_ratios calls."""
     if train.shape[0] < 2:
         raise UserError("the NN ratio needs at least 2 training images")
-    return NeighborIndex(embed(train, features, batch_size))
+    return build_index(embed(train, features, batch_size), index)
 
 
 def neighbours_needed(duplicates: Optional[Duplicates]) -> int:
@@ -183,6 +186,7 @@ class NNRatio(Metric):
     def cost(self, w, sampler=None):
         """One exact search of the samples (2 M d FLOPs a row)."""
         return w.search_rows(w.num_samples)
+
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         out: dict[str, Optional[float]] = {key: None for key in self.summary_keys}
         fractions, mins, weighted = [], [], []

@@ -116,6 +116,7 @@ class TiledL2(Metric):
     def cost(self, w, sampler=None):
         """One search per tile position: the tiles together are d wide, so about one full search."""
         return w.search_rows(w.num_samples)
+
     def summarize(self, sections: Mapping[str, Mapping]) -> dict:
         def pick(field, how):
             values = finite(s.get(field) for s in sections.values() if s)

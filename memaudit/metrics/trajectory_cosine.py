@@ -24,6 +24,7 @@ class TrajectoryCosine(Metric):
     def cost(self, w, sampler=None):
         """D* (two GEMMs) at every recorded step."""
         return w.empirical_rows(w.record * w.steps)
+
     def plots(self, report: Mapping) -> list[Plot]:
         sections = self.sections(report)
         series = [Series(f"{name} trajectory", sections[name]["sigmas"], sections[name]["mean"], run=name)
