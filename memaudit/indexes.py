@@ -4,6 +4,9 @@ exact  faiss IndexFlatL2: every training image is compared (the default; exact d
 ivf    faiss IVF-Flat: k-means cells, `nprobe` of `nlist` scanned (nlist=4 sqrt(M), nprobe=32 by default); for
        millions of images. Its recall against exact search is measured on the samples and reported
        (memaudit.metrics.index_recall); a recall under the scan's --min-recall fails the scan.
+torch  chunked torch GEMMs on the scan's device (a GPU with --device cuda), exact in fp32; torch:dtype=bf16 (or
+       fp16) runs the GEMMs at low precision and re-checks k + 16 candidates in float32: approximate, so its
+       recall is measured and gated like ivf's.
 """
 
 from __future__ import annotations
@@ -34,10 +37,18 @@ def _ivf(points: Tensor, nlist=None, nprobe=None) -> NeighborIndex:
     return IVFIndex(points, nlist=nlist, nprobe=nprobe if nprobe is not None else DEFAULT_NPROBE)
 
 
+def _torch(points: Tensor, dtype: str = "fp32") -> NeighborIndex:
+    from memaudit.torch_index import TorchIndex
+
+    return TorchIndex(points, device=points.device, dtype=dtype)
+
+
 INDEXES: dict[str, IndexKind] = {
     "exact": IndexKind("faiss IndexFlatL2: exact search (default)", _exact, {}),
     "ivf": IndexKind("faiss IVF-Flat: scans nprobe of nlist k-means cells (ivf:nlist=N,nprobe=P); recall measured",
                      _ivf, {"nlist": int, "nprobe": int}),
+    "torch": IndexKind("torch GEMMs on the scan's device, exact in fp32; torch:dtype=bf16|fp16 re-checks "
+                       "candidates in float32 (recall measured)", _torch, {"dtype": str}),
 }
 
 
@@ -52,13 +63,22 @@ def parse_index(spec: str) -> tuple[str, dict]:
         key, eq, value = item.partition("=")
         key = key.strip().lower()
         if not eq or key not in kind.options:
-            allowed = ", ".join(f"{k}=N" for k in kind.options) or "no options"
+            allowed = ", ".join(f"{k}=N" if t is int else f"{k}=VALUE" for k, t in kind.options.items()) \
+                or "no options"
             raise UserError(f"--index {spec!r}: bad option {item!r}; {name} takes {allowed}")
         try:
             options[key] = kind.options[key](value)
         except ValueError:
             raise UserError(f"--index {spec!r}: {key} must be an integer, not {value!r}") from None
+        if key == "dtype" and options[key] not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"--index {spec!r}: dtype must be fp32, bf16 or fp16, not {value!r}")
     return name, options
+
+
+def is_approximate(spec: str) -> bool:
+    """Whether the index `spec` names may miss neighbours (so its recall is measured and gated)."""
+    name, options = parse_index(spec)
+    return name == "ivf" or (name == "torch" and options.get("dtype", "fp32") != "fp32")
 
 
 def build_index(points: Tensor, spec: str = "exact") -> NeighborIndex:

@@ -37,6 +37,7 @@ class IVFIndex(NeighborIndex):
     it finds), scanning `nprobe` of `nlist` cells."""
 
     kind = "ivf"
+    approximate = True
 
     def __init__(self, points: Tensor, nlist: Optional[int] = None, nprobe: int = DEFAULT_NPROBE):
         if points.ndim < 2 or points.shape[0] == 0:

@@ -26,7 +26,7 @@ from memaudit.empirical import EmpiricalDenoiser
 from memaudit.errors import SettingError, UserError
 from memaudit.features import feature_space
 from memaudit.fingerprints import data_fingerprint, model_fingerprint
-from memaudit.indexes import parse_index
+from memaudit.indexes import is_approximate, parse_index
 from memaudit.metrics import METRICS, SKIP_CHOICES, skipped
 from memaudit.metrics.base import RUN, RunData, ScanContext
 from memaudit.metrics.fid import FID_MODES
@@ -323,7 +323,7 @@ def dry_run(model: Denoiser, train: Tensor, config: ScanConfig, holdout: Optiona
         batch_size=config.batch_size, empirical_model=isinstance(model, EmpiricalDenoiser),
         holdout=int(holdout.shape[0]) if holdout is not None else 0,
         match_transforms=(2 if config.match_flips else 1) * (2 * config.match_shifts + 1) ** 2,
-        extra={"sigmas": metric_sigmas(model, config.metric_sigmas), "ivf": parse_index(config.index)[0] != "exact"})
+        extra={"sigmas": metric_sigmas(model, config.metric_sigmas), "approximate": is_approximate(config.index)})
     rates = cost.measure_rates(workload, model, tuple(train.shape[1:]), torch.device(config.device))
     phases = cost.plan(workload, rates, METRICS, config.computes)
     return cost.format_plan(phases, rates, workload)

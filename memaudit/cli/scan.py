@@ -15,7 +15,7 @@ from memaudit.cli import options as opt
 from memaudit.data import load_dataset, parse_value_range
 from memaudit.errors import UserError
 from memaudit.gates import check_gate_metrics, exit_code, parse_gates
-from memaudit.indexes import parse_index
+from memaudit.indexes import is_approximate
 from memaudit.metrics import summary_keys
 from memaudit.progress import progress_tracker
 from memaudit.report import attach_gates, print_summary, write_html, write_json, write_junit
@@ -68,10 +68,11 @@ def scan(
                                      "trained with x-flip can emit mirrored copies): d = min over the transforms."),
     match_shifts: int = typer.Option(0, "--match-shifts", metavar="N", help="Also match shifts by up to N pixels "
                                      "(with --match-flips, of the mirror image too)."),
-    index: str = typer.Option(DEFAULTS.index, "--index", metavar="KIND", help="Neighbour search: exact, or ivf "
-                              "(faiss IVF for millions of images; ivf:nlist=N,nprobe=P); ivf's recall is measured "
-                              "on the samples and a recall under --min-recall fails the scan."),
-    min_recall: float = typer.Option(DEFAULTS.min_recall, "--min-recall", help="With --index ivf: the recall@1 "
+    index: str = typer.Option(DEFAULTS.index, "--index", metavar="KIND", help="Neighbour search: exact (faiss), ivf "
+                              "(faiss IVF for millions of images; ivf:nlist=N,nprobe=P) or torch (GEMMs on --device; "
+                              "torch:dtype=bf16). An approximate index's recall is measured on the samples and a "
+                              "recall under --min-recall fails the scan."),
+    min_recall: float = typer.Option(DEFAULTS.min_recall, "--min-recall", help="With an approximate --index: the recall@1 "
                                      "below which the scan fails (exit 1)."),
     param: Optional[opt.ParamName] = opt.PARAM,
     schedule: Optional[opt.ScheduleName] = opt.SCHEDULE,
@@ -147,7 +148,7 @@ def scan(
 def recall_gate(index: str, min_recall: float) -> list:
     """With an approximate index, the automatic gate that fails the scan when its measured recall is too low
     (a missed neighbour undercounts copies: fail closed)."""
-    return [] if parse_index(index)[0] == "exact" else parse_gates([f"index_recall<{min_recall!r}"])
+    return parse_gates([f"index_recall<{min_recall!r}"]) if is_approximate(index) else []
 
 
 def check_dry_run(fail_on, json_out, html_out, junit_out, resume: bool) -> None:

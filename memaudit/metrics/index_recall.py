@@ -43,11 +43,12 @@ class IndexRecall(Metric):
     name = "index_recall"
     scope = SCAN
     title = "Approximate index recall"
-    summary_keys = {"index_recall": "min over runs of `index_recall.runs.<sampler>.recall_at_1` (only with "
-                                    "--index ivf; the scan adds the gate `index_recall<--min-recall`)"}
+    summary_keys = {"index_recall": "min over runs of `index_recall.runs.<sampler>.recall_at_1` (only with an "
+                                    "approximate --index: ivf, torch:dtype=bf16|fp16; the scan adds the gate "
+                                    "`index_recall<--min-recall`)"}
 
     def compute(self, ctx: ScanContext, run: Optional[RunData] = None) -> Optional[dict]:
-        if not hasattr(ctx.index, "exhaustive"):
+        if not getattr(ctx.index, "approximate", False):
             return None  # exact search: nothing to measure
         k = min(ctx.index.num_points, neighbours_needed(ctx.duplicates))
         runs = {name: recall_of(ctx.index, embed(r.samples[:RECALL_QUERIES], ctx.features), k, ctx.duplicates,
@@ -56,7 +57,8 @@ class IndexRecall(Metric):
 
     def cost(self, w, sampler=None):
         """Exhaustive (exact) search of up to RECALL_QUERIES samples per run, with --index ivf."""
-        return w.search_rows(min(w.num_samples, RECALL_QUERIES) * len(w.samplers)) if w.extra.get("ivf") else Work()
+        return (w.search_rows(min(w.num_samples, RECALL_QUERIES) * len(w.samplers)) if w.extra.get("approximate")
+                else Work())
 
     def summarize(self, section: Optional[Mapping]) -> dict:
         values = finite(r.get("recall_at_1") for r in ((section or {}).get("runs") or {}).values())
@@ -74,9 +76,11 @@ class IndexRecall(Metric):
         if not section:
             return []
         ix = section["index"]
+        how = (f"nprobe {ix['nprobe']} of {ix['nlist']} cells" if "nlist" in ix else
+               f"{ix.get('dtype')} GEMMs, candidates re-checked in float32")
         parts = [f"{name}: recall@1 {fmt(r['recall_at_1'])}, verdicts agree {fmt(r['agreement'])} "
                  f"({r['queries']} samples)" for name, r in section["runs"].items()]
-        return [f"index {ix['kind']} (nprobe {ix['nprobe']} of {ix['nlist']} cells) vs exact search: " + "; ".join(parts)]
+        return [f"index {ix['kind']} ({how}) vs exact search: " + "; ".join(parts)]
 
 
 METRIC = IndexRecall()

@@ -1,0 +1,135 @@
+"""Exact neighbour search as chunked torch GEMMs on the scan's device (`--index torch`), optionally in bf16/fp16.
+
+||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2, one (B, chunk) GEMM at a time with a running top-c, so the search runs
+where the training set already lives (a GPU with --device cuda) instead of faiss on the CPU.  The c candidates
+are then re-checked exactly in float32 (||q - p|| computed directly) and the best k kept, as
+memaudit.neighbors.NeighborIndex does.  In float32 c = k and the search is exact; with `dtype=bf16` (or fp16)
+the GEMMs run at low precision, which can reorder near ties, so c = k + CANDIDATE_MARGIN and the index counts
+as approximate: its recall is measured and gated like IVF's (memaudit.metrics.index_recall), with every
+GEMM in float32 as the reference (`exhaustive`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from memaudit.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CANDIDATE_MARGIN = 16  # extra low-precision candidates re-checked in float32
+CHUNK = 8192  # training rows per GEMM
+MEMORY_SHARE = 0.25  # of the free device memory one query batch's logits may take
+
+
+class TorchIndex:
+    """Exact (fp32) or low-precision-candidate (bf16/fp16) L2 search over points (M, ...) on `device`."""
+
+    kind = "torch"
+
+    def __init__(self, points: Tensor, device: str | torch.device = "cpu", dtype: str = "fp32"):
+        if points.ndim < 2 or points.shape[0] == 0:
+            raise UserError("the neighbour index needs a non-empty set of points")
+        if dtype not in DTYPES:
+            raise UserError(f"--index torch: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        self.device = torch.device(device)
+        self.flat = points.detach().reshape(points.shape[0], -1).to(self.device, torch.float32).contiguous()
+        self.num_points, self.dim = self.flat.shape
+        self.sq_norms = (self.flat.double() ** 2).sum(1).float()
+        self.dtype_name = dtype
+        self.low = DTYPES[dtype] if dtype != "fp32" else None
+        self.low_points = self.flat.to(self.low) if self.low is not None else None
+        self._force_fp32 = False
+
+    @property
+    def approximate(self) -> bool:
+        return self.low is not None
+
+    @contextmanager
+    def exhaustive(self):
+        """float32 GEMMs inside the block (the exact reference for the recall)."""
+        self._force_fp32 = True
+        try:
+            yield self
+        finally:
+            self._force_fp32 = False
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "dtype": self.dtype_name, "device": str(self.device),
+                "candidates": "k + %d" % CANDIDATE_MARGIN if self.approximate else "k"}
+
+    def query_batch(self) -> int:
+        """Query rows per batch: their (rows, CHUNK) logits within MEMORY_SHARE of free device memory."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = 1 << 30
+        return int(max(1, min(4096, MEMORY_SHARE * free // (4 * 3 * min(CHUNK, self.num_points)))))
+
+    def search(self, queries: Tensor, k: int, batch_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """k nearest points per query: exact distances ascending, shapes (N, k) float32 and (N, k) long, CPU."""
+        if not 1 <= k <= self.num_points:
+            raise UserError(f"cannot find {k} nearest neighbours among {self.num_points} points")
+        q = torch.as_tensor(queries).detach().reshape(queries.shape[0], -1).to(self.device, torch.float32)
+        if q.shape[1] != self.dim:
+            raise UserError(f"query dimension {q.shape[1]} does not match the indexed points' {self.dim}")
+        low = self.low is not None and not self._force_fp32
+        cand = min(self.num_points, k + CANDIDATE_MARGIN if low else k)
+        dists, idxs = [], []
+        for start in range(0, q.shape[0], batch_size or self.query_batch()):
+            block = q[start:start + (batch_size or self.query_batch())]
+            top = self._candidates(block, cand, low)
+            d, i = self._recheck(block, top, k)
+            dists.append(d.cpu())
+            idxs.append(i.cpu())
+        if not dists:
+            return torch.empty((0, k)), torch.empty((0, k), dtype=torch.long)
+        return torch.cat(dists), torch.cat(idxs)
+
+    def _candidates(self, q: Tensor, c: int, low: bool) -> Tensor:
+        """Indices (B, c) of the c smallest ||p||^2 - 2 q.p over chunks (a running top-c)."""
+        best_val = torch.empty((q.shape[0], 0), device=self.device)
+        best_idx = torch.empty((q.shape[0], 0), dtype=torch.long, device=self.device)
+        ql = q.to(self.low) if low else q
+        pts = self.low_points if low else self.flat
+        for start in range(0, self.num_points, CHUNK):
+            stop = min(start + CHUNK, self.num_points)
+            score = (ql @ pts[start:stop].T).float().mul_(-2).add_(self.sq_norms[start:stop])
+            vals = torch.cat([best_val, score], 1)
+            cand = torch.cat([best_idx, torch.arange(start, stop, device=self.device).expand(q.shape[0], -1)], 1)
+            best_val, pos = vals.topk(min(c, vals.shape[1]), dim=1, largest=False)
+            best_idx = cand.gather(1, pos)
+        return best_idx
+
+    def _recheck(self, q: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact float32 distances ||q - p|| to the candidates (one column at a time), stably sorted, best k."""
+        dist = torch.empty(idx.shape, device=self.device)
+        for j in range(idx.shape[1]):
+            dist[:, j] = (q.double() - self.flat[idx[:, j]].double()).pow(2).sum(1).sqrt().float()
+        order = torch.argsort(dist, dim=1, stable=True)[:, :k]
+        return dist.gather(1, order), idx.gather(1, order)
+
+    def points(self, start: int, stop: int) -> np.ndarray:
+        """Indexed points start:stop as a float32 array (a copy)."""
+        return self.flat[start:stop].cpu().numpy().copy()
+
+    def pairs_within(self, queries: np.ndarray, radius: float) -> list[tuple[int, int]]:
+        """(query row, point index) pairs with ||q - p|| <= radius, by float32 GEMM with a padded radius, each
+        candidate then checked with its exact distance."""
+        q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        q_sq = (q.double() ** 2).sum(1)
+        padded = radius * radius * 1.02 + 1e-5 * (1.0 + float(q_sq.max()) if len(q_sq) else 1.0)
+        out: list[tuple[int, int]] = []
+        for start in range(0, self.num_points, CHUNK):
+            stop = min(start + CHUNK, self.num_points)
+            d2 = (q_sq[:, None].float() - 2 * q @ self.flat[start:stop].T + self.sq_norms[start:stop])
+            rows, cols = torch.nonzero(d2 <= padded, as_tuple=True)
+            if len(rows):
+                exact = (q[rows].double() - self.flat[start + cols].double()).pow(2).sum(1).sqrt()
+                keep = exact <= radius
+                out += list(zip(rows[keep].tolist(), (cols[keep] + start).tolist()))
+        return sorted(out)
