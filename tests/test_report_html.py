@@ -2,6 +2,8 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
+
+from memaudit.report.images import LABEL_HEIGHT
 from PIL import Image
 
 from memaudit.errors import UserError
@@ -49,9 +51,9 @@ def test_png_grid_sizes(written):
     worst = len(report["runs"]["heun"]["nn_ratio"]["worst"])
     assert worst == 16
     with Image.open(folder / "worst_heun.png") as img:
-        # 8x8 images upscaled 8x, 4 pairs (sample | nearest) per row, 2 px padding
+        # 8x8 images upscaled 8x, 4 pairs (sample | nearest) per row, 2 px padding, under the column labels
         rows = -(-worst // 4)
-        assert img.size == (8 * 64 + 9 * 2, rows * 64 + (rows + 1) * 2)
+        assert img.size == (8 * 64 + 9 * 2, rows * 64 + (rows + 1) * 2 + LABEL_HEIGHT)
     with Image.open(folder / "samples_sde.png") as img:
         cols = 6  # ceil(sqrt(32))
         rows = -(-NUM_SAMPLES // cols)

@@ -38,7 +38,7 @@ def test_grid_rgb_and_errors():
 def test_pairs_grid_rows_are_sample_then_nearest(tmp_path):
     samples = torch.linspace(-1, 1, 4).view(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous()
     train = samples.flip(0) * 0.5  # values differ from every sample
-    grid = pairs_grid(samples, train, [3, 0], [1, 2], padding=2)
+    grid = pairs_grid(samples, train, [3, 0], [1, 2], padding=2, labels=False)
     up = auto_upscale(8)
     assert up == 8
     assert grid.size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
@@ -55,7 +55,8 @@ def test_pairs_grid_rows_are_sample_then_nearest(tmp_path):
 
 def test_pairs_grid_several_pairs_per_row():
     samples = torch.linspace(-1, 1, 5).view(5, 1, 1, 1).expand(5, 1, 8, 8).contiguous()
-    grid = pairs_grid(samples, samples * 0.5, [0, 1, 2, 3, 4], [4, 3, 2, 1, 0], padding=2, upscale=1, pairs_per_row=4)
+    grid = pairs_grid(samples, samples * 0.5, [0, 1, 2, 3, 4], [4, 3, 2, 1, 0], padding=2, upscale=1, pairs_per_row=4,
+                      labels=False)
     assert grid.size == (8 * 8 + 9 * 2, 2 * 8 + 3 * 2)  # 4 pairs (8 images) across, 2 rows
     a = np.asarray(grid)
     assert a[2 + 4, 2 + 4] == 0  # sample 0 (value -1)
@@ -65,9 +66,26 @@ def test_pairs_grid_several_pairs_per_row():
 
 
 def test_pairs_grid_mixed_channels_and_errors():
-    grid = pairs_grid(torch.zeros(2, 3, 8, 8), torch.zeros(3, 1, 8, 8), [0], [2], upscale=1)
+    grid = pairs_grid(torch.zeros(2, 3, 8, 8), torch.zeros(3, 1, 8, 8), [0], [2], upscale=1, labels=False)
     assert grid.mode == "RGB" and grid.size == (2 * 8 + 6, 8 + 4)
     with pytest.raises(ValueError):
         pairs_grid(torch.zeros(2, 1, 8, 8), torch.zeros(3, 1, 8, 8), [], [])
     with pytest.raises(ValueError):
         pairs_grid(torch.zeros(2, 1, 8, 8), torch.zeros(3, 1, 4, 4), [0], [0])
+
+
+def test_pairs_grid_labels_its_columns_above_the_unchanged_grid():
+    """The labelled grid is a LABEL_HEIGHT strip over the same pixels; the strip has ink over every column and
+    none over the padding between them."""
+    from memaudit.report.images import LABEL_HEIGHT
+
+    samples = torch.zeros(6, 1, 8, 8)
+    plain = np.asarray(pairs_grid(samples, samples, [0, 1, 2], [3, 4, 5], upscale=8, pairs_per_row=3, labels=False))
+    labelled = np.asarray(pairs_grid(samples, samples, [0, 1, 2], [3, 4, 5], upscale=8, pairs_per_row=3))
+    assert labelled.shape == (plain.shape[0] + LABEL_HEIGHT, plain.shape[1])
+    assert np.array_equal(labelled[LABEL_HEIGHT:], plain)
+    strip = labelled[:LABEL_HEIGHT]
+    for col in range(6):
+        x = 2 + col * 66
+        assert (strip[:, x:x + 64] < 128).any(), f"column {col} has no label"
+        assert (strip[:, x + 64:x + 66] == 255).all()  # nothing spills into the padding

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from memaudit.atomic import atomic_path
@@ -60,9 +60,30 @@ def _match_channels(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.expand(-1, 3, -1, -1) if a.shape[1] == 1 else a, b.expand(-1, 3, -1, -1) if b.shape[1] == 1 else b
 
 
+LABEL_HEIGHT = 12  # pixels of the column-label strip above a pairs grid (PIL's default bitmap font is 11 tall)
+PAIR_LABELS = ("sample", "nearest")
+
+
+def with_column_labels(grid: Image.Image, labels: Sequence[str], cell_width: int, padding: int) -> Image.Image:
+    """The grid under a white strip naming each column (labels repeat across the columns), left-aligned."""
+    out = Image.new(grid.mode, (grid.width, grid.height + LABEL_HEIGHT), 255 if grid.mode == "L" else (255,) * 3)
+    out.paste(grid, (0, LABEL_HEIGHT))
+    draw = ImageDraw.Draw(out)
+    columns = (grid.width - padding) // (cell_width + padding)
+    for col in range(columns):
+        x = padding + col * (cell_width + padding) + 1  # one pixel in: a glyph's left bearing may reach back
+        text = labels[col % len(labels)]
+        while text and draw.textbbox((x, 0), text)[2] > x + cell_width - 2:
+            text = text[:-1]  # cut to the cell: "nearest" over a 32-pixel cell reads "neare"
+        draw.text((x, 0), text, fill=0 if grid.mode == "L" else (0, 0, 0))
+    return out
+
+
 def pairs_grid(samples: Tensor, train: Tensor, sample_indices: Sequence[int], nearest_indices: Sequence[int],
-               padding: int = 2, upscale: int | None = None, pairs_per_row: int = 1) -> Image.Image:
-    """`pairs_per_row` pairs per row, each samples[sample_indices[k]] | train[nearest_indices[k]].
+               padding: int = 2, upscale: int | None = None, pairs_per_row: int = 1,
+               labels: bool = True) -> Image.Image:
+    """`pairs_per_row` pairs per row, each samples[sample_indices[k]] | train[nearest_indices[k]], under a strip
+    labelling the columns "sample" and "nearest" (training image) unless labels=False.
 
     Grayscale and RGB inputs are mixed by expanding grayscale to RGB. `upscale` defaults to
     auto_upscale(H). Raises ValueError when there are no pairs or the image sizes differ.
@@ -81,8 +102,9 @@ def pairs_grid(samples: Tensor, train: Tensor, sample_indices: Sequence[int], ne
     interleaved = torch.stack([left, right], dim=1).reshape(-1, *left.shape[1:])
     if upscale is None:
         upscale = auto_upscale(left.shape[-2])
-    return image_grid(interleaved, nrow=2 * max(1, min(pairs_per_row, len(sample_indices))), padding=padding,
+    grid = image_grid(interleaved, nrow=2 * max(1, min(pairs_per_row, len(sample_indices))), padding=padding,
                       upscale=upscale)
+    return with_column_labels(grid, PAIR_LABELS, left.shape[-1] * upscale, padding) if labels else grid
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
