@@ -249,3 +249,13 @@ def test_wrong_autoencoder_data_or_flags_are_one_line_errors_naming_the_flag(bui
     assert code == 2 and "--vae" in err
     with pytest.raises(UserError, match="--vae"):
         load_model(str(folder), vae=str(tmp_path / "nothing"))
+
+
+def test_a_suspect_scaling_factor_is_warned_of_and_smooth_refuses_latent_models(built, tmp_path, capsys):
+    folder = built[0]
+    code, _, err = run_cli(capsys, "scan", "empirical", DIGITS32, "--vae", folder / "vae", "--latent-scale", "20",
+                           "-n", "4", "--steps", "4", "--sampler", "heun", "--skip", "jacobian", "-q",
+                           "--workdir", tmp_path)
+    assert code == 0 and "warning: the training latents have std" in err and "--latent-scale" in err
+    code, _, err = run_cli(capsys, "smooth", folder, DIGITS32, "--out", tmp_path / "out", "-q")
+    assert code == 2 and "latent" in err
