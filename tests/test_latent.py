@@ -259,3 +259,14 @@ def test_a_suspect_scaling_factor_is_warned_of_and_smooth_refuses_latent_models(
     assert code == 0 and "warning: the training latents have std" in err and "--latent-scale" in err
     code, _, err = run_cli(capsys, "smooth", folder, DIGITS32, "--out", tmp_path / "out", "-q")
     assert code == 2 and "latent" in err
+
+
+def test_a_latent_scan_resumes_from_its_saved_latent_samples(built, tmp_path):
+    folder, _, _, _, images = built
+    model = load_model(str(folder))
+    first = run_latent_scan(model, images, small_config(skip=("jacobian",)), workdir=tmp_path, **scan_info(model))
+    again = run_latent_scan(model, images, small_config(skip=("jacobian",)), workdir=tmp_path, resume=True,
+                            **scan_info(model))
+    assert again.report["provenance"]["runs"]["heun"]["resumed_samples"] == 12
+    torch.testing.assert_close(again.samples["heun"], first.samples["heun"])
+    assert again.report["runs"]["heun"]["decoded"] == first.report["runs"]["heun"]["decoded"]
