@@ -249,6 +249,8 @@ def test_wrong_autoencoder_data_or_flags_are_one_line_errors_naming_the_flag(bui
     assert code == 2 and "--vae" in err
     with pytest.raises(UserError, match="--vae"):
         load_model(str(folder), vae=str(tmp_path / "nothing"))
+    code, _, err = run_cli(capsys, "scan", folder / "unet", DIGITS32, "-n", "2", "-q", "--workdir", tmp_path)
+    assert code == 2 and "UNet of a latent pipeline" in err and f"--vae {folder / 'vae'}" in err
 
 
 def test_a_suspect_scaling_factor_is_warned_of_and_smooth_refuses_latent_models(built, tmp_path, capsys):

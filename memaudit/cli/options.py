@@ -122,6 +122,7 @@ def load_checked_model(spec: str, train, device, *, param=None, schedule=None, f
     if latent.is_latent(model):
         latent.check_on_data(model, tuple(train.shape[1:]))
         return model
+    latent.check_not_bare_unet(spec, model, tuple(train.shape[1:]))
     check_model_on_data(model, tuple(train.shape[1:]))
     if model.image_shape is None:  # TorchScript / state-dict networks take the data's shape
         model.image_shape = tuple(train.shape[1:])

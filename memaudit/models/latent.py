@@ -221,6 +221,16 @@ def check_on_data(model: LatentModel, image_shape: Sequence[int]) -> tuple[int, 
     return latent
 
 
+def check_not_bare_unet(spec: str, model: Denoiser, image_shape: Sequence[int]) -> None:
+    """UserError when a pipeline's unet/ was passed alone and its latent shape does not fit the data."""
+    parent = Path(spec).expanduser().parent
+    shape = model.image_shape
+    if shape is not None and tuple(shape) != tuple(image_shape) and find_vae(parent) is not None:
+        raise UserError(f"{spec} is the UNet of a latent pipeline (it takes {fmt_shape(shape)} latents, the data "
+                        f"are {fmt_shape(image_shape)} images): pass the pipeline folder {parent}, or --vae "
+                        f"{find_vae(parent)}")
+
+
 def describe(model: LatentModel) -> dict:
     """The latent settings a scan assumes: vae kind and path, scaling (and shift) factor, latent and decoded
     shape."""
