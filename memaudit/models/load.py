@@ -1,6 +1,7 @@
 """Load any supported checkpoint as a Denoiser D(x, sigma), detecting its format, and check it on the data.
 
-Formats: memaudit native folder; diffusers UNet2DModel folder (+ scheduler config); TorchScript archive;
+Formats: memaudit native folder; latent diffusers pipeline (unet/, scheduler/, vae/ or vqvae/; or any model plus
+--vae: memaudit.models.latent); diffusers UNet2DModel folder (+ scheduler config); TorchScript archive;
 denoising-diffusion-pytorch Trainer checkpoint (+ --model-config); k-diffusion train.py checkpoint;
 state dict (.safetensors or torch file) + --factory [--factory-args]; a whole pickled nn.Module (or a plain
 pickle holding one) only with --trust-pickle;
