@@ -247,10 +247,12 @@ def training_duplicates(index: NeighborIndex, tolerance: float, note: NoteFn) ->
 
 def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: dict, data_info: dict,
              task: Optional[TaskFactory] = None, workdir: Optional[Path] = None, resume: bool = False,
-             note: Optional[NoteFn] = None, holdout: Optional[Tensor] = None) -> ScanResult:
+             note: Optional[NoteFn] = None, holdout: Optional[Tensor] = None,
+             context: Optional[dict] = None) -> ScanResult:
     """Sample with each configured sampler, compute every listed metric, and return the report (without gates:
     the caller attaches them) and the samples. `holdout`: held-out real images (same shape and range as `train`)
-    that calibrate the NN-ratio rule and feed C_T (memaudit.metrics.calibration, ct_score)."""
+    that calibrate the NN-ratio rule and feed C_T (memaudit.metrics.calibration, ct_score). `context`: entries
+    the metrics find in ScanContext.cache (memaudit.latent_scan puts the decoded pixel space there)."""
     config.validate()
     if holdout is not None and tuple(holdout.shape[1:]) != tuple(train.shape[1:]):
         raise UserError(f"the held-out images have shape {tuple(holdout.shape[1:])}, the training images "
@@ -269,7 +271,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
                       features=features, index=index, duplicates=duplicates, runs={},
                       sigmas=metric_sigmas(model, config.metric_sigmas),
                       generator=torch.Generator().manual_seed(config.seed + 1), task=task,
-                      holdout=holdout.to(device) if holdout is not None else None)
+                      holdout=holdout.to(device) if holdout is not None else None, cache=dict(context or {}))
     record = trajectory_rows(config, model.image_shape)
     store = SampleStore(workdir, {"settings": config.sample_settings(), "record": record, "model": model_info,
                                   "weights": model_fingerprint(model) if workdir is not None else None,

@@ -130,6 +130,15 @@ def make_checkpoint(fmt: str, tmp_path: Path) -> tuple[str, dict]:
         unet.save_pretrained(tmp_path / "diff")
         diffusers.DDPMScheduler().save_pretrained(tmp_path / "diff")
         return str(tmp_path / "diff"), {}
+    if fmt == "latent":  # a pipeline folder: unet/, scheduler/, vae/ (1x8x8 latents of 1x8x8 images)
+        path, _ = make_checkpoint("diffusers", tmp_path)
+        pipe = tmp_path / "pipe"
+        diffusers = pytest.importorskip("diffusers")
+        diffusers.UNet2DModel.from_pretrained(path).save_pretrained(pipe / "unet")
+        diffusers.DDPMScheduler().save_pretrained(pipe / "scheduler")
+        diffusers.AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(4,), latent_channels=1,
+                                norm_num_groups=4, sample_size=8).save_pretrained(pipe / "vae")
+        return str(pipe), {}
     if fmt == "ddpm-pytorch":
         ddpm = pytest.importorskip("denoising_diffusion_pytorch")
         torch.manual_seed(0)

@@ -57,6 +57,14 @@ def test_severity_follows_the_interval():
     assert severity({"memorized_fraction_lower": None, "memorized_fraction_upper": None}) == "unknown"
 
 
+def test_severity_of_a_latent_model_is_the_worse_of_latent_and_decoded_space():
+    latent_low = {"memorized_fraction_lower": 0.0, "memorized_fraction_upper": 0.005}
+    assert severity({**latent_low, "decoded_memorized_fraction": 0.5, "decoded_memorized_fraction_lower": 0.3,
+                     "decoded_memorized_fraction_upper": 0.7}) == "high"
+    assert severity({**latent_low, "decoded_memorized_fraction": 0.0, "decoded_memorized_fraction_lower": None,
+                     "decoded_memorized_fraction_upper": None}) == "unknown"  # not measured: no "low"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install -y chromium)")
 def test_the_report_renders_in_headless_chromium(html_report, tmp_path):

@@ -99,11 +99,18 @@ MODEL_CONFIG = typer.Option(None, "--model-config", metavar="JSON|FILE",
                                  "(denoising-diffusion-pytorch: '{\"unet\": {\"dim\": 64, ...}}'); inline JSON or a "
                                  "file (default: model-config.json beside the checkpoint).")
 
+VAE = typer.Option(None, "--vae", metavar="PATH", help="Latent model: the diffusers AutoencoderKL/VQModel folder "
+                                                       "(or a pipeline holding vae/) whose latents MODEL denoises.")
+LATENT_SCALE = typer.Option(None, "--latent-scale", metavar="S", help="Latent model: the latents' scaling factor "
+                                                                     "(default: the VAE config's scaling_factor).")
+
 
 def load_checked_model(spec: str, train, device, *, param=None, schedule=None, factory=None, trust_pickle=False,
                        sigma_min=None, sigma_max=None, round_timesteps=False, model_config=None,
-                       factory_args=None):
-    """Load MODEL with the loader options and check one forward pass on the training images' shape."""
+                       factory_args=None, vae=None, latent_scale=None, latent_cache=None):
+    """Load MODEL with the loader options and check one forward pass on the training images' shape (a latent
+    model: on their latents, and that the autoencoder gives back images of that shape)."""
+    from memaudit.models import latent
     from memaudit.models.load import check_model_on_data, load_model
 
     positive(sigma_min, "--sigma-min")
@@ -111,7 +118,11 @@ def load_checked_model(spec: str, train, device, *, param=None, schedule=None, f
     model = load_model(spec, device=device, param=param, schedule=schedule, factory=factory,
                        trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                        round_timesteps=round_timesteps, train=train, model_config=model_config,
-                       factory_args=factory_args)
+                       factory_args=factory_args, vae=vae, latent_scale=latent_scale, latent_cache=latent_cache)
+    if latent.is_latent(model):
+        latent.check_on_data(model, tuple(train.shape[1:]))
+        return model
+    latent.check_not_bare_unet(spec, model, tuple(train.shape[1:]))
     check_model_on_data(model, tuple(train.shape[1:]))
     if model.image_shape is None:  # TorchScript / state-dict networks take the data's shape
         model.image_shape = tuple(train.shape[1:])

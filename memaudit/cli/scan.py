@@ -16,7 +16,9 @@ from memaudit.data import load_dataset, parse_value_range
 from memaudit.errors import UserError
 from memaudit.gates import check_gate_metrics, exit_code, parse_gates
 from memaudit.indexes import is_approximate
+from memaudit.latent_scan import run_latent_scan
 from memaudit.metrics import summary_keys
+from memaudit.models.latent import is_latent
 from memaudit.progress import progress_tracker
 from memaudit.report import attach_gates, print_summary, write_html, write_json, write_junit
 from memaudit.report.html import check_html_folder
@@ -83,6 +85,8 @@ def scan(
     sigma_max: Optional[float] = opt.SIGMA_MAX,
     round_timesteps: bool = opt.ROUND_TIMESTEPS,
     model_config: Optional[str] = opt.MODEL_CONFIG,
+    vae: Optional[Path] = opt.VAE,
+    latent_scale: Optional[float] = opt.LATENT_SCALE,
     resize: Optional[int] = opt.RESIZE,
     channels: Optional[int] = opt.CHANNELS,
     seed: int = opt.SEED,
@@ -112,10 +116,12 @@ def scan(
     train = dataset.images
     if train.shape[0] < 2:
         raise UserError(f"{data} holds {train.shape[0]} image; the NN ratio needs at least 2 training images")
+    root = None if dry_run else work_folder(workdir, quiet)
     denoiser = opt.load_checked_model(model, train.to(dev), dev, param=param, schedule=schedule, factory=factory,
                                       trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                                       round_timesteps=round_timesteps, model_config=model_config,
-                                      factory_args=factory_args)
+                                      factory_args=factory_args, vae=vae, latent_scale=latent_scale,
+                                      latent_cache=root)
     data_info = {"path": str(data), "num_images": int(train.shape[0]), "image_shape": list(train.shape[1:]),
                  "value_range": dataset.value_range}
     held = None
@@ -124,16 +130,18 @@ def scan(
                             value_range=parse_value_range(value_range)).images
         data_info["holdout"] = {"path": str(holdout), "num_images": int(held.shape[0])}
     if dry_run:
+        if is_latent(denoiser):
+            raise UserError("--dry-run does not model latent scans yet (encoding, decoding); drop --dry-run")
         for line in plan_scan(denoiser, train, config, holdout=held):
             Console().print(line, markup=False, highlight=False)
         return 0
-    root = work_folder(workdir, quiet)
     notes = Console(stderr=True)
+    runner = run_latent_scan if is_latent(denoiser) else run_scan
     try:
         with progress_tracker(quiet=quiet) as tracker:
-            result = run_scan(denoiser, train, config, model_info=opt.model_info(model, denoiser),
-                              data_info=data_info, task=tracker.task, workdir=root, resume=resume, holdout=held,
-                              note=lambda line: notes.print(opt.printable(line), markup=False, highlight=False))
+            result = runner(denoiser, train, config, model_info=opt.model_info(model, denoiser),
+                            data_info=data_info, task=tracker.task, workdir=root, resume=resume, holdout=held,
+                            note=lambda line: notes.print(opt.printable(line), markup=False, highlight=False))
     except KeyboardInterrupt:
         raise KeyboardInterrupt("interrupted; the samples drawn so far are saved: run the same command with "
                                 "--resume to continue") from None

@@ -22,6 +22,7 @@ from memaudit.data import load_images
 from memaudit.errors import SettingError, UserError
 from memaudit.finetune import finetune
 from memaudit.metrics.fid import fid_proxy
+from memaudit.models.latent import is_latent
 from memaudit.models.native import is_native
 from memaudit.numbers import fmt
 from memaudit.progress import ProgressTracker, progress_tracker
@@ -128,6 +129,8 @@ def smooth(
                   sigma_max=sigma_max, round_timesteps=round_timesteps, model_config=model_config,
                   factory_args=factory_args)
     original = opt.load_checked_model(model, images, dev, **loader)
+    if is_latent(original):
+        raise UserError(f"{model} is a latent diffusion model; smooth fine-tunes pixel-space models only")
     err = Console(stderr=True)
     say = lambda line: err.print(opt.printable(line), markup=False, highlight=False) if not quiet else None  # noqa
     if sigma_collapse == "auto":

@@ -1,6 +1,7 @@
 """The memorization metrics, one module per metric, listed once here (see memaudit.metrics.base.Metric).
 
 nn_ratio           d1/d2 nearest/second-nearest distinct training image, fraction memorized (< 1/3)
+decoded            latent models: the same for the decoded samples against the pixel training images
 attribution        which training images are reproduced (ratio < 1/3 to them), how often, by which samples
 diffmemorize       DiffMemorize's number as their script computes it (uint8 pixels, L2/sqrt(CHW), top-2, < 1/3)
 adaptive_l2        Carlini et al.'s d1 / (0.5 x mean distance to the 50 nearest training images)
@@ -24,12 +25,14 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from memaudit.metrics import (adaptive_l2, attribution, authenticity, calibration, ct_score, diffmemorize, entropy,
-                              fid, index_recall, jacobian, match, nn_ratio, score_cosine, tiled_l2, trajectory_cosine)
+from memaudit.metrics import (adaptive_l2, attribution, authenticity, calibration, ct_score, decoded, diffmemorize,
+                              entropy, fid, index_recall, jacobian, match, nn_ratio, score_cosine, tiled_l2,
+                              trajectory_cosine)
 from memaudit.metrics.base import RUN, SCAN, Metric, sampler_key
 
 METRICS: tuple[Metric, ...] = (
     nn_ratio.METRIC,
+    decoded.METRIC,
     attribution.METRIC,
     diffmemorize.METRIC,
     adaptive_l2.METRIC,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from memaudit.models import latent
 from memaudit.models.parameterisations import PARAMETERISATIONS
 from memaudit.models.schedules import SCHEDULES, make_schedule
 
@@ -35,6 +36,7 @@ def describe_model(denoiser: Any) -> dict:
                         if getattr(denoiser, "fixed_noise_input", None) is not None else "the noise level"),
         "image_shape": list(shape) if shape is not None else None,
         "parameters": sum(p.numel() for p in net.parameters()),
+        "latent": latent.describe(denoiser) if latent.is_latent(denoiser) else None,
     }
 
 

@@ -1,6 +1,7 @@
 """Load any supported checkpoint as a Denoiser D(x, sigma), detecting its format, and check it on the data.
 
-Formats: memaudit native folder; diffusers UNet2DModel folder (+ scheduler config); TorchScript archive;
+Formats: memaudit native folder; latent diffusers pipeline (unet/, scheduler/, vae/ or vqvae/; or any model plus
+--vae: memaudit.models.latent); diffusers UNet2DModel folder (+ scheduler config); TorchScript archive;
 denoising-diffusion-pytorch Trainer checkpoint (+ --model-config); k-diffusion train.py checkpoint;
 state dict (.safetensors or torch file) + --factory [--factory-args]; a whole pickled nn.Module (or a plain
 pickle holding one) only with --trust-pickle;
@@ -18,7 +19,7 @@ from torch import nn
 
 from memaudit.denoiser import Denoiser, check_shape, fmt_shape
 from memaudit.errors import UserError, first_lines
-from memaudit.models import ddpm_pytorch, diffusers_loader, kdiffusion, native, statedict, torchscript
+from memaudit.models import ddpm_pytorch, diffusers_loader, kdiffusion, latent, native, statedict, torchscript
 from memaudit.models.adapters import PARAMETERISATIONS, NetworkDenoiser
 from memaudit.models.json_args import read_json_arg
 from memaudit.models.safe_pickle import safe_torch_load
@@ -41,6 +42,8 @@ class LoadOptions:
     round_timesteps: bool = False
     model_config: Optional[str] = None
     factory_args: Optional[str] = None
+    vae: Optional[str] = None  # --vae: the autoencoder of a latent model (memaudit.models.latent)
+    latent_scale: Optional[float] = None
 
     def network(self) -> dict:
         """The options that shape how a bare network is wrapped."""
@@ -103,6 +106,9 @@ def _is_torch_file(path: Path) -> bool:
 FORMATS: dict[str, ModelFormat] = {
     "native": ModelFormat(lambda p: p.is_dir() and native.is_native(p), _load_native,
                           "memaudit checkpoint folder (model.safetensors + config.json)"),
+    "latent": ModelFormat(latent.is_latent_folder, latent.load_latent_folder,
+                          "latent diffusers pipeline folder: unet/, scheduler/ and vae/ (AutoencoderKL) or vqvae/ "
+                          "(VQModel)"),
     "diffusers": ModelFormat(lambda p: p.is_dir() and diffusers_loader.is_diffusers(p), _load_diffusers,
                              "diffusers UNet2DModel or pipeline folder with its scheduler config"),
     "torchscript": ModelFormat(lambda p: p.is_file() and torchscript.is_torchscript(p), _load_torchscript,
@@ -127,14 +133,22 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional
                schedule: Optional[str] = None, factory: Optional[str] = None, trust_pickle: bool = False,
                sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                round_timesteps: bool = False, train: Optional[torch.Tensor] = None,
-               model_config: Optional[str] = None, factory_args: Optional[str] = None) -> Denoiser:
-    """The model named by `spec` (a path, or "empirical[:...]" built on `train`) as D(x, sigma), eval mode."""
+               model_config: Optional[str] = None, factory_args: Optional[str] = None,
+               vae: Optional[str] = None, latent_scale: Optional[float] = None,
+               latent_cache: Optional[Path] = None) -> Denoiser:
+    """The model named by `spec` (a path, or "empirical[:...]" built on `train`) as D(x, sigma), eval mode.
+
+    A latent model (a pipeline folder with vae/, or any model with `vae`) is a latent.LatentModel; the empirical
+    one is then built on the training set's latents (cached under `latent_cache`)."""
+    if is_empirical_spec(spec) and vae is not None:
+        return load_empirical_latent(spec, train, device, vae, latent_scale, latent_cache)
     if is_empirical_spec(spec):
+        _no_latent_scale(latent_scale, spec)
         return load_empirical(spec, train, device)
     path = Path(spec).expanduser()
     fmt = detect_format(path)
     options = LoadOptions(device, param, schedule, factory, trust_pickle, sigma_min, sigma_max, round_timesteps,
-                          model_config, factory_args)
+                          model_config, factory_args, vae, latent_scale)
     if factory_args is not None and (factory is None or fmt not in ("safetensors", "torch")):
         raise UserError("--factory-args gives the arguments of --factory, for a state-dict file: "
                         + ("pass --factory too" if factory is None else f"{path} is a {fmt} model"))
@@ -144,7 +158,34 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional
     if fmt != "native" and (sigma_min is not None or sigma_max is not None):
         check_timestep_range(denoiser.schedule, sigma_min, sigma_max)
     denoiser.source = {"format": fmt, "path": str(path)}
+    if fmt != "latent" and vae is not None:
+        denoiser = latent.LatentModel(denoiser, latent.load_autoencoder(latent.vae_folder(Path(vae)), latent_scale,
+                                                                         device))
+        denoiser.source = {"format": f"latent ({fmt} + --vae)", "path": str(path)}
+    elif fmt != "latent":
+        _no_latent_scale(latent_scale, spec)
     return denoiser.to(device).eval()
+
+
+def _no_latent_scale(latent_scale: Optional[float], spec: str) -> None:
+    if latent_scale is not None:
+        raise UserError(f"--latent-scale applies to latent models, and {spec} is not one: pass --vae PATH too, or a "
+                        "pipeline folder with vae/")
+
+
+def load_empirical_latent(spec: str, train: Optional[torch.Tensor], device: str | torch.device, vae: str,
+                          latent_scale: Optional[float], cache: Optional[Path]) -> Denoiser:
+    """The closed-form denoiser of the training set's latents, with the --vae autoencoder."""
+    from memaudit.latents import train_latents
+
+    if train is None:
+        raise UserError("the empirical model needs training data")
+    ae = latent.load_autoencoder(latent.vae_folder(Path(vae)), latent_scale, device)
+    encoded = train_latents(ae, train, cache)
+    model = latent.LatentModel(load_empirical(spec, encoded.latents.to(device), device), ae)
+    model.encoded = encoded
+    model.source = {"format": "latent (empirical + --vae)", "path": None}
+    return model
 
 
 def check_within(sigma_min: Optional[float], sigma_max: Optional[float], lo: float, hi: float, what: str) -> None:

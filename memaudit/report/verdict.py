@@ -19,10 +19,12 @@ COLOURS = {"high": "#d62728", "unclear": "#e6a700", "low": "#2ca02c", "unknown":
 
 def _bounds(summary: Mapping[str, Any]) -> tuple:
     """(lower, upper) of the memorized fraction; with --match-flips/--match-shifts the larger of the plain and the
-    flip/shift-aware bounds, since a mirrored copy is a copy."""
+    flip/shift-aware bounds, since a mirrored copy is a copy; for a latent model the larger of the latent-space and
+    the decoded pixel-space bounds."""
     keys = [("memorized_fraction_lower", "memorized_fraction_upper")]
-    if summary.get("match_memorized_fraction") is not None:
-        keys.append(("match_memorized_fraction_lower", "match_memorized_fraction_upper"))
+    for name in ("match_memorized_fraction", "decoded_memorized_fraction"):
+        if summary.get(name) is not None:
+            keys.append((f"{name}_lower", f"{name}_upper"))
     pairs = [(finite_or_none(summary.get(lo)), finite_or_none(summary.get(hi))) for lo, hi in keys]
     if any(lo is None or hi is None for lo, hi in pairs):
         return None, None
@@ -54,6 +56,10 @@ def verdict_lines(report: Mapping[str, Any]) -> list[str]:
         out[0] += (f" Up to flips/shifts (--match-flips/--match-shifts): {pct(s.get('match_memorized_fraction'))} "
                    f"(95 % interval {pct(s.get('match_memorized_fraction_lower'))} to "
                    f"{pct(s.get('match_memorized_fraction_upper'))}); gate it with match_memorized_fraction_upper.")
+    if finite_or_none(s.get("decoded_memorized_fraction")) is not None:
+        out[0] += (f" That is in latent space; the decoded images: {pct(s.get('decoded_memorized_fraction'))} "
+                   f"(95 % interval {pct(s.get('decoded_memorized_fraction_lower'))} to "
+                   f"{pct(s.get('decoded_memorized_fraction_upper'))}); gate it with decoded_memorized_fraction_upper.")
     distinct = finite_or_none(s.get("distinct_reproduced"))
     if distinct is not None:
         out.append(f"Distinct training images reproduced: {int(distinct)} of {data.get('num_images', '?')} "
