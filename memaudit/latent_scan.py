@@ -83,4 +83,24 @@ def run_latent_scan(model: LatentModel, train: Tensor, config: ScanConfig, *, mo
                       data_info={**data_info, "latents": encoded.info()}, task=task, workdir=workdir,
                       resume=resume, note=note, holdout=held, context={decoded.SPACE: space})
     result.samples = {name: space.decoded(name, s) for name, s in result.samples.items()}
+    worse_of_both(result.report["summary"], list(result.report["runs"]))
     return result
+
+
+GATED_BOTH = ("memorized_fraction", "memorized_fraction_lower", "memorized_fraction_upper")
+
+
+def worse_of_both(summary: dict, samplers: list[str]) -> None:
+    """For a latent model the gate names `memorized_fraction` (and _lower, _upper, _{sampler}) read the worse of
+    the latent-space and the decoded pixel-space value (in place): a copy in either space fails a gate on it
+    (fail closed). Each space's own values stay in the report: `runs.<sampler>.nn_ratio` (latent) and
+    `runs.<sampler>.decoded` (pixels, also gateable as `decoded_memorized_fraction...`)."""
+    from memaudit.metrics.base import sampler_key
+
+    keys = [(k, decoded.PREFIX + k) for k in GATED_BOTH]
+    keys += [(sampler_key("memorized_fraction_{sampler}", s), decoded.PREFIX + sampler_key(
+        "memorized_fraction_{sampler}", s)) for s in samplers]
+    for latent_key, pixel_key in keys:
+        values = [v for v in (summary.get(latent_key), summary.get(pixel_key)) if v is not None]
+        if latent_key in summary:
+            summary[latent_key] = max(values) if values else None

@@ -272,3 +272,17 @@ def test_a_latent_scan_resumes_from_its_saved_latent_samples(built, tmp_path):
     assert again.report["provenance"]["runs"]["heun"]["resumed_samples"] == 12
     torch.testing.assert_close(again.samples["heun"], first.samples["heun"])
     assert again.report["runs"]["heun"]["decoded"] == first.report["runs"]["heun"]["decoded"]
+
+
+def test_a_latent_models_memorized_fraction_gates_read_the_worse_of_both_spaces():
+    from memaudit.latent_scan import worse_of_both
+
+    summary = {"memorized_fraction": 0.1, "memorized_fraction_lower": 0.05, "memorized_fraction_upper": 0.2,
+               "memorized_fraction_heun": 0.1, "decoded_memorized_fraction": 0.4,
+               "decoded_memorized_fraction_lower": None, "decoded_memorized_fraction_upper": 0.1,
+               "decoded_memorized_fraction_heun": 0.4, "mean_nn_ratio": 0.7}
+    worse_of_both(summary, ["heun"])
+    assert summary["memorized_fraction"] == 0.4 and summary["memorized_fraction_heun"] == 0.4
+    assert summary["memorized_fraction_lower"] == 0.05  # the pixel value is missing: the latent one stands
+    assert summary["memorized_fraction_upper"] == 0.2 and summary["mean_nn_ratio"] == 0.7
+    assert summary["decoded_memorized_fraction"] == 0.4  # each space's own value is kept
