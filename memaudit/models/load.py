@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from memaudit.conditioning import num_classes
 from memaudit.denoiser import Denoiser, check_shape, fmt_shape
 from memaudit.errors import UserError, first_lines
 from memaudit.models import ddpm_pytorch, diffusers_loader, kdiffusion, native, statedict, torchscript
@@ -283,11 +284,13 @@ def check_model_on_data(denoiser: Denoiser, image_shape: Sequence[int], batch: i
     x0 = torch.rand((batch, *image_shape), generator=gen) * 2 - 1
     noise = torch.randn(x0.shape, generator=gen)
     shape = fmt_shape(image_shape)
+    classes = num_classes(denoiser)  # a class-conditional model is checked on its first and last class
+    labels = None if classes is None else torch.tensor([0, classes - 1] * batch)[:batch].to(denoiser.device)
     for sigma in ((lo * hi) ** 0.5, lo, hi):
         x = (x0 + sigma * noise).to(denoiser.device, _float_dtype(denoiser))
         try:
             with torch.no_grad():
-                out = denoiser(x, sigma)
+                out = denoiser(x, sigma, class_labels=labels)
         except UserError as exc:
             raise UserError(f"the model fails on {shape} (CxHxW) images: {first_lines(exc)}") from None
         except RuntimeError as exc:
