@@ -117,7 +117,9 @@ def scan(
         with progress_tracker(quiet=quiet) as tracker:
             result = run_scan(denoiser, train, config, model_info=opt.model_info(model, denoiser),
                               data_info=data_info, task=tracker.task, workdir=root, resume=resume, holdout=held,
-                              note=lambda line: notes.print(opt.printable(line), markup=False, highlight=False))
+                              note=lambda line: notes.print(opt.printable(line), markup=False, highlight=False),
+                              labels=dataset.labels, class_names=dataset.class_names,
+                              labels_problem=dataset.labels_problem)
     except KeyboardInterrupt:
         raise KeyboardInterrupt("interrupted; the samples drawn so far are saved: run the same command with "
                                 "--resume to continue") from None

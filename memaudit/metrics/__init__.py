@@ -14,6 +14,7 @@ score_cosine       the same on noisy training points
 jacobian           spectral norm of dD/dx (model vs empirical) and one-step sampler expansion
 fid                Frechet distance: clean-fid's Inception when present, plus an offline pixel-PCA proxy
 calibration        the NN-ratio rule's false-positive rate on held-out real images and a calibrated threshold
+per_class          class-conditional models: the NN ratio per class, within the class's training images and overall
 
 This list drives --skip (names = section names), the report sections, the gate names, the terminal/HTML rendering
 and the summary table of docs/report-schema.md. Scan-level metrics share one generator, drawn from in this order.
@@ -24,7 +25,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from memaudit.metrics import (adaptive_l2, attribution, authenticity, calibration, ct_score, diffmemorize, entropy,
-                              fid, jacobian, match, nn_ratio, score_cosine, tiled_l2, trajectory_cosine)
+                              fid, jacobian, match, nn_ratio, per_class, score_cosine, tiled_l2,
+                              trajectory_cosine)
 from memaudit.metrics.base import RUN, SCAN, Metric, sampler_key
 
 METRICS: tuple[Metric, ...] = (
@@ -42,6 +44,7 @@ METRICS: tuple[Metric, ...] = (
     jacobian.METRIC,
     fid.METRIC,
     calibration.METRIC,
+    per_class.METRIC,
 )
 
 BY_NAME = {m.name: m for m in METRICS}
