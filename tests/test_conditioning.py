@@ -218,3 +218,21 @@ def test_labels_from_an_npz_array(tmp_path):
     np.savez(tmp_path / "d.npz", pixels=images, labels=np.array([0, 1, 2]))  # the one other array is the images
     assert load_dataset(tmp_path / "d.npz").images.shape[0] == 3
     assert load_dataset(DIGITS_NPZ).labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_train_class_conditional_learns_each_class(two_digits, tmp_path, capsys):
+    data = two_digits[1]
+    code, _, err = run_cli(capsys, "train", data, "--out", tmp_path / "cm", "--class-conditional", "--steps", "4",
+                           "--width", "8", "--batch-size", "8", "--quiet")
+    assert code == 0, err
+    config = json.loads((tmp_path / "cm" / "config.json").read_text())
+    assert config["num_classes"] == 2 and config["history"][-1]["num_classes"] == 2
+    trained = load_native(tmp_path / "cm").net.class_embed.weight
+    fresh = make_unet_denoiser((1, 8, 8), base_channels=8, seed=0, num_classes=2).net.class_embed.weight
+    assert (trained - fresh).abs().amax(1).min() > 0  # both classes' embeddings were trained
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "cm")
+    assert code == 0 and "class-conditional, 2 classes" in out, err
+    np.savez(tmp_path / "bare.npz", images=two_digits[2])
+    code, _, err = run_cli(capsys, "train", tmp_path / "bare.npz", "--out", tmp_path / "x", "--class-conditional",
+                           "--steps", "1", "--quiet")
+    assert code == 2 and "--class-conditional needs class labels" in err and "'labels' array" in err
