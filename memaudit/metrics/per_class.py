@@ -6,8 +6,8 @@ images and within the whole training set.
 for the samples x_n drawn with label c, X_c the training images labelled c and X all of them (d2 to the nearest
 image of another near-duplicate cluster, as in nn_ratio). Also the fraction of class c's samples whose nearest
 training image is labelled c. Rare or uninformative labels are where a conditional model copies (Somepalli et al.
-2023). Absent from the report for an unconditional scan; a class with fewer than 2 distinct training images has
-no within-class ratio (null: its gates fail).
+2023). An unconditional scan's section says so ({"computed": false, "reason": ...}; its gates fail); a class with
+fewer than 2 distinct training images has no within-class ratio (null: its gates fail too).
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ class PerClass(Metric):
         KEY + "_upper_max": "max over runs and classes of the within-class `memorized_fraction_upper` (95 % Wilson)",
     }
 
-    def compute(self, ctx: ScanContext, run=None) -> Optional[dict]:
+    def compute(self, ctx: ScanContext, run=None) -> dict:
         if ctx.labels is None or any(r.labels is None for r in ctx.runs.values()):
-            return None
+            return {"computed": False, "reason": "the model is not class-conditional"}
         classes = sorted({int(c) for r in ctx.runs.values() for c in r.labels.unique().tolist()})
         names = ctx.class_names or []
         runs = {}
@@ -97,7 +97,7 @@ class PerClass(Metric):
                 else (dist[:, 1], None)
             overall = _ratio(dist[:, 0], d2)
             runs[sampler] = [class_entry(ctx, r, c, overall, idx[:, 0]) for c in classes]
-        return {"threshold": float(ctx.config.threshold),
+        return {"computed": True, "threshold": float(ctx.config.threshold),
                 "classes": [{"class": c, "name": names[c] if c < len(names) else str(c)} for c in classes],
                 "runs": runs}
 
@@ -110,6 +110,9 @@ class PerClass(Metric):
         return out
 
     def validate(self, section: Any, c, where: str) -> None:
+        c.dict(section, where, ("computed",))
+        if not c.bool(section["computed"], f"{where}.computed"):
+            return
         c.dict(section, where, ("threshold", "classes", "runs"))
         c.num(section["threshold"], f"{where}.threshold")
         for i, cls in enumerate(c.list(section["classes"], f"{where}.classes")):
@@ -133,7 +136,7 @@ class PerClass(Metric):
     def lines(self, report: Mapping) -> list[str]:
         """A header and one line per class (most memorized first, at most MAX_LINES), each run's fractions."""
         section = report.get(self.name)
-        if not section:
+        if not section or not section.get("computed"):
             return []
         names = {cls["class"]: cls["name"] for cls in section.get("classes") or []}
         by_class: dict[int, list[str]] = {}
