@@ -236,3 +236,24 @@ def test_train_class_conditional_learns_each_class(two_digits, tmp_path, capsys)
     code, _, err = run_cli(capsys, "train", tmp_path / "bare.npz", "--out", tmp_path / "x", "--class-conditional",
                            "--steps", "1", "--quiet")
     assert code == 2 and "--class-conditional needs class labels" in err and "'labels' array" in err
+
+
+def test_num_classes_flag_for_bare_networks_and_wrong_guesses(two_digits, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model, data = two_digits[0], two_digits[1]
+    net = load_model(str(model), factory=FACTORY).net
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    bare = [tmp_path / "w.safetensors", "--factory", FACTORY, "--factory-args", '{"num_points": 44}',
+            "--param", "x0", "--schedule", "ve"]
+    code, out, err = run_cli(capsys, "inspect", *bare, "--num-classes", "2")
+    assert code == 0 and "class-conditional, 2 classes" in out, err
+    code, _, err = run_cli(capsys, "scan", *bare, data, "--quiet")  # a conditional network without the flag
+    assert code == 2 and "pass --num-classes N" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "inspect", model, "--factory", FACTORY, "--num-classes", "3")
+    assert code == 2 and "class-conditional with 2 classes" in err and "drop --num-classes 3" in err
+    code, _, err = run_cli(capsys, "inspect", "examples/models/digits32", "--num-classes", "2")
+    assert code == 2 and "(unconditional): drop --num-classes 2" in err
+    code, out, err = run_cli(capsys, "scan", *bare, data, "--num-classes", "2", "--samples", "4", "--steps", "4",
+                             "--sampler", "heun", "--quiet")
+    assert code == 0 and "memorized per class" in out, err

@@ -98,11 +98,14 @@ MODEL_CONFIG = typer.Option(None, "--model-config", metavar="JSON|FILE",
                             help="Network constructor arguments for checkpoints that do not save them "
                                  "(denoising-diffusion-pytorch: '{\"unet\": {\"dim\": 64, ...}}'); inline JSON or a "
                                  "file (default: model-config.json beside the checkpoint).")
+NUM_CLASSES = typer.Option(None, "--num-classes", min=1, metavar="N",
+                           help="The network is class-conditional with N classes, called net(x_in, noise_in, "
+                                "class_labels) (TorchScript / state dicts; other formats record it).")
 
 
 def load_checked_model(spec: str, train, device, *, param=None, schedule=None, factory=None, trust_pickle=False,
                        sigma_min=None, sigma_max=None, round_timesteps=False, model_config=None,
-                       factory_args=None):
+                       factory_args=None, num_classes=None):
     """Load MODEL with the loader options and check one forward pass on the training images' shape."""
     from memaudit.models.load import check_model_on_data, load_model
 
@@ -111,7 +114,7 @@ def load_checked_model(spec: str, train, device, *, param=None, schedule=None, f
     model = load_model(spec, device=device, param=param, schedule=schedule, factory=factory,
                        trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                        round_timesteps=round_timesteps, train=train, model_config=model_config,
-                       factory_args=factory_args)
+                       factory_args=factory_args, num_classes=num_classes)
     check_model_on_data(model, tuple(train.shape[1:]))
     if model.image_shape is None:  # TorchScript / state-dict networks take the data's shape
         model.image_shape = tuple(train.shape[1:])

@@ -76,6 +76,7 @@ def scan(
     sigma_max: Optional[float] = opt.SIGMA_MAX,
     round_timesteps: bool = opt.ROUND_TIMESTEPS,
     model_config: Optional[str] = opt.MODEL_CONFIG,
+    num_classes: Optional[int] = opt.NUM_CLASSES,
     resize: Optional[int] = opt.RESIZE,
     channels: Optional[int] = opt.CHANNELS,
     seed: int = opt.SEED,
@@ -103,7 +104,7 @@ def scan(
     denoiser = opt.load_checked_model(model, train.to(dev), dev, param=param, schedule=schedule, factory=factory,
                                       trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                                       round_timesteps=round_timesteps, model_config=model_config,
-                                      factory_args=factory_args)
+                                      factory_args=factory_args, num_classes=num_classes)
     data_info = {"path": str(data), "num_images": int(train.shape[0]), "image_shape": list(train.shape[1:]),
                  "value_range": dataset.value_range}
     held = None

@@ -42,6 +42,7 @@ class LoadOptions:
     round_timesteps: bool = False
     model_config: Optional[str] = None
     factory_args: Optional[str] = None
+    num_classes: Optional[int] = None
 
     def network(self) -> dict:
         """The options that shape how a bare network is wrapped."""
@@ -69,7 +70,8 @@ def _load_diffusers(path: Path, o: LoadOptions) -> Denoiser:
 
 def _load_torchscript(path: Path, o: LoadOptions) -> Denoiser:
     _reject(o.factory, "--factory", path, "torchscript")
-    return wrap_network(torchscript.load_torchscript(path, o.device), path, "torchscript", **o.network())
+    return wrap_network(torchscript.load_torchscript(path, o.device), path, "torchscript", **o.network(),
+                        num_classes=o.num_classes)
 
 
 def _load_ddpm_pytorch(path: Path, o: LoadOptions) -> Denoiser:
@@ -91,7 +93,8 @@ def _load_kdiffusion(path: Path, o: LoadOptions) -> Denoiser:
 def _load_file(fmt: str) -> Callable[[Path, LoadOptions], Denoiser]:
     def load(path: Path, o: LoadOptions) -> Denoiser:
         args = read_json_arg(o.factory_args, "--factory-args")
-        return wrap_network(load_file_network(path, o.factory, o.trust_pickle, args), path, fmt, **o.network())
+        return wrap_network(load_file_network(path, o.factory, o.trust_pickle, args), path, fmt, **o.network(),
+                            num_classes=o.num_classes)
     return load
 
 
@@ -122,30 +125,42 @@ FORMATS: dict[str, ModelFormat] = {
 
 
 MODEL_CONFIG_FORMATS = ("ddpm-pytorch", "k-diffusion")  # the formats --model-config applies to
+NUM_CLASSES_FORMATS = ("torchscript", "safetensors", "torch")  # bare networks: --num-classes says they take labels
 
 
 def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional[str] = None,
                schedule: Optional[str] = None, factory: Optional[str] = None, trust_pickle: bool = False,
                sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                round_timesteps: bool = False, train: Optional[torch.Tensor] = None,
-               model_config: Optional[str] = None, factory_args: Optional[str] = None) -> Denoiser:
+               model_config: Optional[str] = None, factory_args: Optional[str] = None,
+               num_classes: Optional[int] = None) -> Denoiser:
     """The model named by `spec` (a path, or "empirical[:...]" built on `train`) as D(x, sigma), eval mode."""
     if is_empirical_spec(spec):
         return load_empirical(spec, train, device)
     path = Path(spec).expanduser()
     fmt = detect_format(path)
     options = LoadOptions(device, param, schedule, factory, trust_pickle, sigma_min, sigma_max, round_timesteps,
-                          model_config, factory_args)
+                          model_config, factory_args, num_classes)
     if factory_args is not None and (factory is None or fmt not in ("safetensors", "torch")):
         raise UserError("--factory-args gives the arguments of --factory, for a state-dict file: "
                         + ("pass --factory too" if factory is None else f"{path} is a {fmt} model"))
     if model_config is not None and fmt not in MODEL_CONFIG_FORMATS:
         raise UserError(f"--model-config does not apply to {path}: it is a {fmt} model")
     denoiser = FORMATS[fmt].load(path, options)
+    if fmt not in NUM_CLASSES_FORMATS:
+        check_recorded_classes(num_classes, denoiser, path, fmt)
     if fmt != "native" and (sigma_min is not None or sigma_max is not None):
         check_timestep_range(denoiser.schedule, sigma_min, sigma_max)
     denoiser.source = {"format": fmt, "path": str(path)}
     return denoiser.to(device).eval()
+
+
+def check_recorded_classes(given: Optional[int], denoiser: Denoiser, path: Path, fmt: str) -> None:
+    """UserError when --num-classes contradicts the conditioning a checkpoint records."""
+    recorded = num_classes(denoiser)
+    if given is not None and given != recorded:
+        what = f"class-conditional with {recorded} classes" if recorded else "unconditional"
+        raise UserError(f"{path} is a {fmt} model that records its conditioning ({what}): drop --num-classes {given}")
 
 
 def check_within(sigma_min: Optional[float], sigma_max: Optional[float], lo: float, hi: float, what: str) -> None:
@@ -240,14 +255,16 @@ def load_file_network(path: Path, factory: Optional[str], trust_pickle: bool,
 
 
 def wrap_network(net: nn.Module, path: Path, fmt: str, *, param: Optional[str], schedule: Optional[str],
-                 sigma_min: Optional[float], sigma_max: Optional[float], round_timesteps: bool) -> NetworkDenoiser:
-    """NetworkDenoiser(net, param, schedule) for formats that do not record how the network was trained."""
+                 sigma_min: Optional[float], sigma_max: Optional[float], round_timesteps: bool,
+                 num_classes: Optional[int] = None) -> NetworkDenoiser:
+    """NetworkDenoiser(net, param, schedule) for formats that do not record how the network was trained; with
+    num_classes (--num-classes), the network is called net(x_in, noise_in, class_labels)."""
     if param is None or schedule is None:
         raise UserError(f"{path} is a {fmt} model that does not record how it was trained: pass "
                         f"--param {'|'.join(PARAMETERISATIONS)} and --schedule {'|'.join(SCHEDULES)}")
     sched = make_schedule(schedule, sigma_min, sigma_max)
     sched.round_timesteps = bool(round_timesteps)
-    return NetworkDenoiser(net, param, sched)
+    return NetworkDenoiser(net, param, sched, num_classes=num_classes)
 
 
 def load_native_checked(path: Path, device: str | torch.device, *, factory: Optional[str],
@@ -293,12 +310,26 @@ def check_model_on_data(denoiser: Denoiser, image_shape: Sequence[int], batch: i
                 out = denoiser(x, sigma, class_labels=labels)
         except UserError as exc:
             raise UserError(f"the model fails on {shape} (CxHxW) images: {first_lines(exc)}") from None
+        except (TypeError, IndexError) as exc:  # a network called with or without class labels it does not expect
+            raise UserError(f"the model fails on {shape} (CxHxW) images: {first_lines(exc, with_type=True)}; "
+                            + classes_hint(classes)) from None
         except RuntimeError as exc:
+            if "argument" in str(exc):  # TorchScript's wrong number of arguments
+                raise UserError(f"the model fails on {shape} (CxHxW) images: {first_lines(exc)}; "
+                                + classes_hint(classes)) from None
             raise UserError(f"image shape mismatch: the model fails on {shape} (CxHxW) images: "
                             f"{first_lines(exc)}") from None
         if not torch.isfinite(out).all():
             raise UserError(f"the model returns NaN/inf on {shape} images at sigma={sigma:.3g}; "
                             + non_finite_hint(denoiser))
+
+
+def classes_hint(classes: Optional[int]) -> str:
+    """What to check when a network fails on the class labels it was, or was not, given."""
+    if classes is None:
+        return "if the network is class-conditional, net(x_in, noise_in, class_labels), pass --num-classes N"
+    return (f"it was called net(x_in, noise_in, class_labels) for {classes} classes: check --num-classes "
+            f"{classes} (drop it for an unconditional network)")
 
 
 def non_finite_hint(denoiser: Denoiser) -> str:
