@@ -84,7 +84,8 @@ def _load_ddpm_pytorch(path: Path, o: LoadOptions) -> Denoiser:
 
 def _load_kdiffusion(path: Path, o: LoadOptions) -> Denoiser:
     _reject(o.factory, "--factory", path, "k-diffusion")
-    denoiser = kdiffusion.load_kdiffusion(path, model_config=o.model_config, param=o.param, schedule=o.schedule)
+    denoiser = kdiffusion.load_kdiffusion(path, model_config=o.model_config, param=o.param, schedule=o.schedule,
+                                          num_classes=o.num_classes)
     check_within(o.sigma_min, o.sigma_max, denoiser.sigma_min, denoiser.sigma_max, f"of {path}'s config")
     set_sigma_range(denoiser.schedule, o.sigma_min, o.sigma_max)
     return denoiser
@@ -125,7 +126,8 @@ FORMATS: dict[str, ModelFormat] = {
 
 
 MODEL_CONFIG_FORMATS = ("ddpm-pytorch", "k-diffusion")  # the formats --model-config applies to
-NUM_CLASSES_FORMATS = ("torchscript", "safetensors", "torch")  # bare networks: --num-classes says they take labels
+# --num-classes says whether they take labels: bare networks, and k-diffusion's mapping_cond (checked there)
+NUM_CLASSES_FORMATS = ("torchscript", "safetensors", "torch", "k-diffusion")
 
 
 def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional[str] = None,
