@@ -257,3 +257,9 @@ def test_num_classes_flag_for_bare_networks_and_wrong_guesses(two_digits, tmp_pa
     code, out, err = run_cli(capsys, "scan", *bare, data, "--num-classes", "2", "--samples", "4", "--steps", "4",
                              "--sampler", "heun", "--quiet")
     assert code == 0 and "memorized per class" in out, err
+
+
+def test_smooth_refuses_a_class_conditional_model(two_digits, tmp_path, capsys):
+    model, data = two_digits[0], two_digits[1]
+    code, _, err = run_cli(capsys, "smooth", model, data, "--factory", FACTORY, "--out", tmp_path / "s", "--quiet")
+    assert code == 2 and "class-conditional" in err and len(err.strip().splitlines()) == 1

@@ -128,6 +128,8 @@ def smooth(
                   sigma_max=sigma_max, round_timesteps=round_timesteps, model_config=model_config,
                   factory_args=factory_args)
     original = opt.load_checked_model(model, images, dev, **loader)
+    if getattr(original, "num_classes", None) is not None:
+        raise UserError(f"{model} is class-conditional: memaudit smooth fine-tunes unconditional models only")
     err = Console(stderr=True)
     say = lambda line: err.print(opt.printable(line), markup=False, highlight=False) if not quiet else None  # noqa
     if sigma_collapse == "auto":
