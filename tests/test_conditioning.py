@@ -263,3 +263,35 @@ def test_smooth_refuses_a_class_conditional_model(two_digits, tmp_path, capsys):
     model, data = two_digits[0], two_digits[1]
     code, _, err = run_cli(capsys, "smooth", model, data, "--factory", FACTORY, "--out", tmp_path / "s", "--quiet")
     assert code == 2 and "class-conditional" in err and len(err.strip().splitlines()) == 1
+
+
+def test_interrupted_conditional_scan_resumes_to_the_same_report(tmp_path, two_digits):
+    from memaudit.report.json_report import dumps_report
+    from memaudit.scan import ScanConfig
+
+    model = make_unet_denoiser((1, 8, 8), base_channels=8, seed=0, num_classes=2)
+    train, labels = two_digits[2], torch.tensor(two_digits[3])
+    train = torch.from_numpy(train.astype(np.float32) / 127.5 - 1)[:, None]
+    config = dict(num_samples=16, batch_size=4, samplers=("heun",), steps=4, trajectory_samples=4, fid="off",
+                  cosine_points=4, metric_sigmas=3)
+    stop = {"armed": True}
+
+    def task(description, total):
+        def advance(done, info=""):
+            if stop["armed"] and description == "sample heun" and done >= 4 and info != "resumed":
+                stop["armed"] = False
+                raise KeyboardInterrupt
+        return advance
+
+    def scan(workdir, resume=False, task=None):
+        return run_scan(model, train, ScanConfig(**config), model_info={"spec": "m"}, data_info={"path": "d"},
+                        workdir=workdir, resume=resume, task=task, labels=labels, class_names=["0", "1"])
+
+    full = scan(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):  # class 0 of heun stops after its first batch
+        scan(tmp_path / "b", task=task)
+    resumed = scan(tmp_path / "b", resume=True)
+    assert resumed.report.pop("provenance")["runs"]["heun"]["resumed_samples"] == 4
+    full.report.pop("provenance")
+    assert dumps_report(resumed.report) == dumps_report(full.report)
+    assert [e["num_samples"] for e in full.report["per_class"]["runs"]["heun"]] == [8, 8]
