@@ -6,6 +6,9 @@ Value ranges are never guessed from a narrow span: uint8 arrays and 8-bit image 
 anything else (say floats 0..16) is refused unless `value_range` (CLI: --value-range LO,HI) says what the
 extremes mean.  The reading is recorded (Dataset.value_range) so the report can show it.  Layouts: (N, H, W),
 (N, H, W, C) and (N, C, H, W) with C in {1, 3}.
+Class labels (for class-conditional models) come from a folder's immediate subfolders (sorted names -> 0, 1, ...,
+as torchvision's ImageFolder numbers them) or a .npz's integer `labels` array of length N; they are carried in
+Dataset.labels, and Dataset.labels_problem says why there are none (only a conditional scan needs them).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from memaudit.resources import check_fits
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 ARRAY_KEYS = ("images", "x", "data", "arr_0")
+LABELS_KEY = "labels"
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -39,6 +43,9 @@ class Dataset:
 
     images: Tensor
     value_range: str
+    labels: Optional[Tensor] = None  # (N,) long class ids, or None
+    class_names: Optional[list[str]] = None  # name of each class id (folder names; str(id) for .npz labels)
+    labels_problem: str = "the data has no class labels (class subfolders, or a 'labels' array in the .npz)"
 
 
 def parse_value_range(text: Optional[str]) -> Optional[tuple[float, float]]:
@@ -113,7 +120,31 @@ def _load_folder(folder: Path, resize, channels, limit, value_range) -> Dataset:
         files = files[:limit]
     first = _open_image(files[0])
     check_memory(len(files), (len(first.getbands()), first.height, first.width), str(folder), resize, channels)
-    return _stack_pil([first] + [_open_image(f) for f in files[1:]], resize, channels, value_range)
+    dataset = _stack_pil([first] + [_open_image(f) for f in files[1:]], resize, channels, value_range)
+    return with_labels(dataset, *folder_labels(folder, files))
+
+
+def with_labels(dataset: Dataset, labels: Optional[Tensor], names: Optional[list[str]], problem: str) -> Dataset:
+    """The dataset with its class labels (or the reason it has none)."""
+    dataset.labels, dataset.class_names = labels, names
+    if problem:
+        dataset.labels_problem = problem
+    return dataset
+
+
+def folder_labels(folder: Path, files: list[Path]) -> tuple[Optional[Tensor], Optional[list[str]], str]:
+    """(labels, class names, problem): each file's class is its immediate subfolder of `folder`, classes
+    numbered in sorted name order; no labels when every image lies in the folder itself or some do."""
+    parts = [f.relative_to(folder).parts for f in files]
+    loose = [f for f, p in zip(files, parts) if len(p) == 1]
+    if len(loose) == len(files):
+        return None, None, ""
+    if loose:
+        return None, None, (f"{folder} mixes class subfolders with images directly in it (e.g. {loose[0].name}): "
+                            "for class labels put every image in its class's subfolder")
+    names = sorted({p[0] for p in parts})
+    ids = {name: i for i, name in enumerate(names)}
+    return torch.tensor([ids[p[0]] for p in parts], dtype=torch.long), names, ""
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -186,7 +217,7 @@ def _array_header(path: Path) -> Optional[tuple[int, ...]]:
             return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith(".npy")]
-            keys = [n[:-4] for n in names]
+            keys = [n[:-4] for n in names if n[:-4] != LABELS_KEY]
             key = next((k for k in ARRAY_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
             if key is None:
                 return None
@@ -207,11 +238,13 @@ def _load_array_file(path: Path, resize, channels, limit, value_range) -> Datase
         layout = (1, *shape[1:]) if len(shape) == 3 else (shape[1:] if shape[1] in (1, 3) else
                                                            (shape[3], shape[1], shape[2]))
         check_memory(count, layout, str(path), resize, channels)
+    labels = None
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 array = _pick_npz_array(loaded, path)
+                labels = loaded[LABELS_KEY] if LABELS_KEY in loaded.files else None
         else:
             array = loaded
     except UserError:
@@ -221,13 +254,33 @@ def _load_array_file(path: Path, resize, channels, limit, value_range) -> Datase
         if "pickle" in reason.lower() or "object arrays" in reason.lower():
             reason = "it holds Python objects (an object array), not numbers"
         raise UserError(f"cannot read array file {path}: {reason}") from None
+    found = npz_labels(labels, len(array), path)
     if limit is not None:
         array = array[:limit]
-    return array_to_dataset(array, resize=resize, channels=channels, name=str(path), value_range=value_range)
+        found = (found[0][:limit] if found[0] is not None else None, *found[1:])
+    dataset = array_to_dataset(array, resize=resize, channels=channels, name=str(path), value_range=value_range)
+    return with_labels(dataset, *found)
+
+
+def npz_labels(labels: Optional[np.ndarray], count: int,
+               path: Path) -> tuple[Optional[Tensor], Optional[list[str]], str]:
+    """(labels, class names, problem) of a .npz's `labels` array: integers >= 0, one per image; ids are kept as
+    they are (a model's class ids), named by their number."""
+    if labels is None:
+        return None, None, ""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != count:
+        return None, None, (f"{path}: its labels array has shape {labels.shape}; it needs one label per image "
+                            f"({count},)")
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)) or \
+            (len(labels) and labels.min() < 0):
+        return None, None, f"{path}: its labels must be integers >= 0 (class ids), not {labels.dtype} values"
+    ids = torch.from_numpy(labels.astype(np.int64))
+    return ids, [str(i) for i in range(int(ids.max()) + 1 if len(ids) else 0)], ""
 
 
 def _pick_npz_array(npz, path: Path) -> np.ndarray:
-    keys = list(npz.keys())
+    keys = [k for k in npz.keys() if k != LABELS_KEY]
     for key in ARRAY_KEYS:
         if key in keys:
             return npz[key]

@@ -25,8 +25,11 @@ class Denoiser(nn.Module):
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        """D(x, sigma): broadcast a scalar sigma to shape (B,) and call `denoise`."""
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Optional[Tensor] = None) -> Tensor:
+        """D(x, sigma): broadcast a scalar sigma to shape (B,) and call `denoise` (with the class labels of a
+        class-conditional denoiser, memaudit.conditioning)."""
+        if class_labels is not None:
+            return self.denoise(x, as_sigma(sigma, x), class_labels=class_labels)
         return self.denoise(x, as_sigma(sigma, x))
 
     @property

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from memaudit.class_scan import class_plan, sample_classes, without_unconditional_metrics
 from memaudit.denoiser import Denoiser, clip_sigma_range
 from memaudit.duplicates import DEFAULT_TOLERANCE, Duplicates, find_duplicates
 from memaudit.empirical import EmpiricalDenoiser
@@ -199,6 +200,7 @@ class RunSamples:
     trajectories: list[Trajectory]
     resumed: int = 0
     checked: int = 0
+    labels: Optional[Tensor] = None  # class of each sample (class-conditional models, memaudit.class_scan)
 
 
 def sample_run(model: Denoiser, sampler: str, config: ScanConfig, store: SampleStore, resume: bool,
@@ -247,13 +249,17 @@ def training_duplicates(index: NeighborIndex, tolerance: float, note: NoteFn) ->
 
 def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: dict, data_info: dict,
              task: Optional[TaskFactory] = None, workdir: Optional[Path] = None, resume: bool = False,
-             note: Optional[NoteFn] = None, holdout: Optional[Tensor] = None,
+             note: Optional[NoteFn] = None, holdout: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+             class_names: Optional[list] = None, labels_problem: str = "the data has no class labels",
              context: Optional[dict] = None) -> ScanResult:
     """Sample with each configured sampler, compute every listed metric, and return the report (without gates:
     the caller attaches them) and the samples. `holdout`: held-out real images (same shape and range as `train`)
-    that calibrate the NN-ratio rule and feed C_T (memaudit.metrics.calibration, ct_score). `context`: entries
-    the metrics find in ScanContext.cache (memaudit.latent_scan puts the decoded pixel space there)."""
+    that calibrate the NN-ratio rule and feed C_T (memaudit.metrics.calibration, ct_score). `labels`: the training
+    images' classes, which a class-conditional model samples per class (memaudit.class_scan; ignored otherwise).
+    `context`: entries the metrics find in ScanContext.cache (memaudit.latent_scan puts the decoded pixel space
+    there)."""
     config.validate()
+    plan = class_plan(model, labels, config.num_samples, labels_problem)
     if holdout is not None and tuple(holdout.shape[1:]) != tuple(train.shape[1:]):
         raise UserError(f"the held-out images have shape {tuple(holdout.shape[1:])}, the training images "
                         f"{tuple(train.shape[1:])}: they must match")
@@ -261,6 +267,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
         raise UserError(f"--holdout holds {holdout.shape[0]} image; calibration needs at least 2")
     task = task or (lambda description, total: (lambda done, info="": None))
     note = note or (lambda message: None)
+    config = without_unconditional_metrics(config, note) if plan else config
     check_sampling_memory(config, model.image_shape)
     device = torch.device(config.device)
     train_dev = train.to(device)
@@ -271,15 +278,19 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
                       features=features, index=index, duplicates=duplicates, runs={},
                       sigmas=metric_sigmas(model, config.metric_sigmas),
                       generator=torch.Generator().manual_seed(config.seed + 1), task=task,
-                      holdout=holdout.to(device) if holdout is not None else None, cache=dict(context or {}))
+                      holdout=holdout.to(device) if holdout is not None else None,
+                      labels=labels if plan else None, class_names=class_names if plan else None,
+                      cache=dict(context or {}))
     record = trajectory_rows(config, model.image_shape)
     store = SampleStore(workdir, {"settings": config.sample_settings(), "record": record, "model": model_info,
                                   "weights": model_fingerprint(model) if workdir is not None else None,
                                   "data": data_fingerprint(train) if workdir is not None else None})
     runs, resumed = {}, {}
     for sampler in config.samplers:
-        run = sample_run(model, sampler, config, store, resume, task, note, record, ctx.empirical.nearest_distance)
-        ctx.runs[sampler] = RunData(sampler, run.samples, run.trajectories)
+        run = sample_classes(sample_run, model, sampler, config, store, plan, record, resume=resume, task=task,
+                             note=note, nearest=ctx.empirical.nearest_distance) if plan else \
+            sample_run(model, sampler, config, store, resume, task, note, record, ctx.empirical.nearest_distance)
+        ctx.runs[sampler] = RunData(sampler, run.samples, run.trajectories, labels=run.labels)
         advance = task(f"metrics {sampler}", 1)
         runs[sampler] = {m.name: m.compute(ctx, ctx.runs[sampler]) for m in METRICS
                          if m.scope == RUN and config.computes(m)}
@@ -288,7 +299,8 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     sections = scan_sections(ctx)
     lo, hi = config.sampler_config(config.samplers[0]).sigma_range(model)
     settings = {**config.settings(), "trajectory_samples": record, "sampling_sigma_min": lo,
-                "sampling_sigma_max": hi}
+                "sampling_sigma_max": hi, **({"class_samples": {str(c): n for c, n in plan.counts.items()}}
+                                             if plan else {})}
     data = {**data_info, "duplicates": duplicates.section()}
     provenance = {"resumed": any(r["resumed_samples"] for r in resumed.values()), "runs": resumed}
     report = build_report(model=model_info, data=data, settings=settings, runs=runs, provenance=provenance,

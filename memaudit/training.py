@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import math
 import signal
@@ -79,9 +80,10 @@ def sample_sigmas(n: int, config: TrainConfig, generator: torch.Generator, lo: f
     return log_sigma.exp().clamp(lo, hi)
 
 
-def edm_loss(denoiser: NetworkDenoiser, x: Tensor, sigma: Tensor, target: Tensor) -> Tensor:
-    """Mean over the batch of lambda(sigma) * ||D(x, sigma) - target||^2 / d, with x = x0 + sigma n."""
-    err = (denoiser(x, sigma) - target) ** 2
+def edm_loss(denoiser: NetworkDenoiser, x: Tensor, sigma: Tensor, target: Tensor,
+             class_labels: Optional[Tensor] = None) -> Tensor:
+    """Mean over the batch of lambda(sigma) * ||D(x, sigma[, c]) - target||^2 / d, with x = x0 + sigma n."""
+    err = (denoiser(x, sigma, class_labels=class_labels) - target) ** 2
     weight = edm_weight(sigma, denoiser.schedule.sigma_data)
     return (weight * err.flatten(1).mean(1)).mean()
 
@@ -90,8 +92,9 @@ class Trainer:
     """Holds the model, its EMA copy, the optimiser and the RNG; `run` trains until config.steps."""
 
     def __init__(self, denoiser: NetworkDenoiser, data: Tensor, config: TrainConfig,
-                 target_fn: Optional[TargetFn] = None):
+                 target_fn: Optional[TargetFn] = None, labels: Optional[Tensor] = None):
         config.validate()
+        self.labels = labels.to(data.device) if labels is not None else None  # classes of a conditional model
         self.model = denoiser.train()
         self.ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
         self.data = data
@@ -112,7 +115,8 @@ class Trainer:
         sigma = sigma.to(device=device, dtype=x0.dtype)
         x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
         target = x0 if self.target_fn is None else self.target_fn(idx, x0, x, sigma)
-        loss = edm_loss(self.model, x, sigma, target.detach())
+        labels = self.labels[idx.to(device)] if self.labels is not None else None
+        loss = edm_loss(self.model, x, sigma, target.detach(), labels)
         if not torch.isfinite(loss):
             raise UserError(f"training diverged at step {self.step} (loss {loss.item()}); lower the learning rate")
         for group in self.opt.param_groups:
@@ -205,17 +209,21 @@ def deferred_interrupts() -> Iterator[list[int]]:
 
 def fit(denoiser: NetworkDenoiser, data: Tensor, config: TrainConfig, out: Path, history: list[dict],
         target_fn: Optional[TargetFn] = None, resume: bool = False,
-        progress: Optional[Callable[..., None]] = None, settings: Optional[dict] = None) -> NetworkDenoiser:
+        progress: Optional[Callable[..., None]] = None, settings: Optional[dict] = None,
+        labels: Optional[Tensor] = None) -> NetworkDenoiser:
     """Train and write `out` (native checkpoint, EMA weights); resumable from a checkpoint left in `out`.
 
     `settings` (the caller's run settings, e.g. data fingerprint and target) are saved with the training state;
     a resume with other settings is refused. Ctrl-C or SIGTERM stops after the current step: the state as of
     that completed step is saved to `out` and KeyboardInterrupt is raised, so a resumed run continues exactly.
+    `labels` (the images' classes) train a class-conditional model on D(x, sigma, c).
     """
     out = Path(out)
     settings = {"data": data_fingerprint(data), **(settings or {})}
+    if labels is not None:
+        settings["labels"] = hashlib.sha256(labels.cpu().long().numpy().tobytes()).hexdigest()
     check_output_folder(out)  # before training, not after the first checkpoint interval
-    trainer = Trainer(denoiser, data, config, target_fn)
+    trainer = Trainer(denoiser, data, config, target_fn, labels)
     if resume:
         _resume(trainer, out, settings)
     try:

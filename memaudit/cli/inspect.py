@@ -20,6 +20,7 @@ def inspect(
     factory: Optional[str] = opt.FACTORY,
     factory_args: Optional[str] = opt.FACTORY_ARGS,
     model_config: Optional[str] = opt.MODEL_CONFIG,
+    num_classes: Optional[int] = opt.NUM_CLASSES,
     trust_pickle: bool = opt.TRUST_PICKLE,
     sigma_min: Optional[float] = opt.SIGMA_MIN,
     sigma_max: Optional[float] = opt.SIGMA_MAX,
@@ -40,7 +41,7 @@ def inspect(
     denoiser = load_model(model, device=opt.resolve_device(device), param=param, schedule=schedule, factory=factory,
                           trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                           round_timesteps=round_timesteps, model_config=model_config, factory_args=factory_args,
-                          vae=vae, latent_scale=latent_scale)
+                          vae=vae, latent_scale=latent_scale, num_classes=num_classes)
     info = describe_model(denoiser)
     if latent.is_latent(denoiser) and info["latent"]["decoded_shape"] is not None:
         latent.check_on_data(denoiser, tuple(info["latent"]["decoded_shape"]))  # encoder, UNet and decoder agree

@@ -98,6 +98,9 @@ MODEL_CONFIG = typer.Option(None, "--model-config", metavar="JSON|FILE",
                             help="Network constructor arguments for checkpoints that do not save them "
                                  "(denoising-diffusion-pytorch: '{\"unet\": {\"dim\": 64, ...}}'); inline JSON or a "
                                  "file (default: model-config.json beside the checkpoint).")
+NUM_CLASSES = typer.Option(None, "--num-classes", min=1, metavar="N",
+                           help="The network is class-conditional with N classes, called net(x_in, noise_in, "
+                                "class_labels) (TorchScript / state dicts; other formats record it).")
 
 VAE = typer.Option(None, "--vae", metavar="PATH", help="Latent model: the diffusers AutoencoderKL/VQModel folder "
                                                        "(or a pipeline holding vae/) whose latents MODEL denoises.")
@@ -107,7 +110,7 @@ LATENT_SCALE = typer.Option(None, "--latent-scale", metavar="S", help="Latent mo
 
 def load_checked_model(spec: str, train, device, *, param=None, schedule=None, factory=None, trust_pickle=False,
                        sigma_min=None, sigma_max=None, round_timesteps=False, model_config=None,
-                       factory_args=None, vae=None, latent_scale=None, latent_cache=None):
+                       factory_args=None, vae=None, latent_scale=None, latent_cache=None, num_classes=None):
     """Load MODEL with the loader options and check one forward pass on the training images' shape (a latent
     model: on their latents, and that the autoencoder gives back images of that shape)."""
     from memaudit.models import latent
@@ -118,7 +121,8 @@ def load_checked_model(spec: str, train, device, *, param=None, schedule=None, f
     model = load_model(spec, device=device, param=param, schedule=schedule, factory=factory,
                        trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                        round_timesteps=round_timesteps, train=train, model_config=model_config,
-                       factory_args=factory_args, vae=vae, latent_scale=latent_scale, latent_cache=latent_cache)
+                       factory_args=factory_args, vae=vae, latent_scale=latent_scale, latent_cache=latent_cache,
+                       num_classes=num_classes)
     if latent.is_latent(model):
         latent.check_on_data(model, tuple(train.shape[1:]))
         return model

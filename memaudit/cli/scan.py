@@ -87,6 +87,7 @@ def scan(
     model_config: Optional[str] = opt.MODEL_CONFIG,
     vae: Optional[Path] = opt.VAE,
     latent_scale: Optional[float] = opt.LATENT_SCALE,
+    num_classes: Optional[int] = opt.NUM_CLASSES,
     resize: Optional[int] = opt.RESIZE,
     channels: Optional[int] = opt.CHANNELS,
     seed: int = opt.SEED,
@@ -121,7 +122,7 @@ def scan(
                                       trust_pickle=trust_pickle, sigma_min=sigma_min, sigma_max=sigma_max,
                                       round_timesteps=round_timesteps, model_config=model_config,
                                       factory_args=factory_args, vae=vae, latent_scale=latent_scale,
-                                      latent_cache=root)
+                                      latent_cache=root, num_classes=num_classes)
     data_info = {"path": str(data), "num_images": int(train.shape[0]), "image_shape": list(train.shape[1:]),
                  "value_range": dataset.value_range}
     held = None
@@ -139,9 +140,12 @@ def scan(
     runner = run_latent_scan if is_latent(denoiser) else run_scan
     try:
         with progress_tracker(quiet=quiet) as tracker:
+            classes = {} if is_latent(denoiser) else {  # latent models are unconditional (UNet2DModel)
+                "labels": dataset.labels, "class_names": dataset.class_names, "labels_problem": dataset.labels_problem}
             result = runner(denoiser, train, config, model_info=opt.model_info(model, denoiser),
                             data_info=data_info, task=tracker.task, workdir=root, resume=resume, holdout=held,
-                            note=lambda line: notes.print(opt.printable(line), markup=False, highlight=False))
+                            note=lambda line: notes.print(opt.printable(line), markup=False, highlight=False),
+                            **classes)
     except KeyboardInterrupt:
         raise KeyboardInterrupt("interrupted; the samples drawn so far are saved: run the same command with "
                                 "--resume to continue") from None

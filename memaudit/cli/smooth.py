@@ -131,6 +131,8 @@ def smooth(
     original = opt.load_checked_model(model, images, dev, **loader)
     if is_latent(original):
         raise UserError(f"{model} is a latent diffusion model; smooth fine-tunes pixel-space models only")
+    if getattr(original, "num_classes", None) is not None:
+        raise UserError(f"{model} is class-conditional: memaudit smooth fine-tunes unconditional models only")
     err = Console(stderr=True)
     say = lambda line: err.print(opt.printable(line), markup=False, highlight=False) if not quiet else None  # noqa
     if sigma_collapse == "auto":

@@ -16,6 +16,7 @@ jacobian           spectral norm of dD/dx (model vs empirical) and one-step samp
 index_recall       with --index ivf: recall of the approximate index against exact search, on the samples
 fid                Frechet distance: clean-fid's Inception when present, plus an offline pixel-PCA proxy
 calibration        the NN-ratio rule's false-positive rate on held-out real images and a calibrated threshold
+per_class          class-conditional models: the NN ratio per class, within the class's training images and overall
 
 This list drives --skip (names = section names), the report sections, the gate names, the terminal/HTML rendering
 and the summary table of docs/report-schema.md. Scan-level metrics share one generator, drawn from in this order.
@@ -26,7 +27,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from memaudit.metrics import (adaptive_l2, attribution, authenticity, calibration, ct_score, decoded, diffmemorize,
-                              entropy, fid, index_recall, jacobian, match, nn_ratio, score_cosine, tiled_l2,
+                              entropy, fid, index_recall, jacobian, match, nn_ratio, per_class, score_cosine, tiled_l2,
                               trajectory_cosine)
 from memaudit.metrics.base import RUN, SCAN, Metric, sampler_key
 
@@ -47,6 +48,7 @@ METRICS: tuple[Metric, ...] = (
     index_recall.METRIC,
     fid.METRIC,
     calibration.METRIC,
+    per_class.METRIC,
 )
 
 BY_NAME = {m.name: m for m in METRICS}

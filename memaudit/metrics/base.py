@@ -90,6 +90,7 @@ class RunData:
     samples: Tensor
     trajectories: list
     _neighbours: dict = field(default_factory=dict)
+    labels: Optional[Tensor] = None  # (N,) class of each sample of a class-conditional model (else None)
 
     def neighbours(self, ctx: "ScanContext", k: int) -> tuple[Tensor, Tensor]:
         """Distances and indices of each sample's k nearest training images (in the scan's feature space),
@@ -106,7 +107,8 @@ class ScanContext:
     """Everything a metric may read: the model, the empirical denoiser of the training set, the training set,
     the scan settings, the feature space and neighbour index, near-duplicate clusters, every run's samples,
     the noise levels of the scan-level metrics, a shared generator (drawn from in METRICS order), a progress
-    task factory, the held-out real images (or None) and a cache the metrics share."""
+    task factory, the held-out real images (or None), a cache the metrics share, and for a class-conditional
+    model the training images' class labels and class names (memaudit.conditioning)."""
 
     model: Any
     empirical: Any
@@ -121,6 +123,8 @@ class ScanContext:
     task: Callable[[str, int], Callable[..., None]]
     holdout: Optional[Tensor] = None  # held-out real images (scan --holdout), in [-1, 1] like `train`
     cache: dict = field(default_factory=dict)  # per-scan results metrics share (e.g. indexes they build once)
+    labels: Optional[Tensor] = None  # (M,) class of each training image, for a class-conditional scan
+    class_names: Optional[list] = None
 
 
 class Metric:

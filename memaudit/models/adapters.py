@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from memaudit.conditioning import check_labels
 from memaudit.denoiser import Denoiser, expand_like
 from memaudit.errors import UserError
 from memaudit.models.parameterisations import PARAMETERISATIONS, check_parameterisation, to_denoised
@@ -62,12 +63,14 @@ class NetworkDenoiser(ScheduledDenoiser):
 
     `fixed_noise_input`, when set, replaces the network's noise-level input by that constant
     (noise unconditioning); the schedule's input scaling and output mixing still use sigma. `x0_limit`, when set,
-    clips or thresholds D as the checkpoint's own sampler does (memaudit.models.x0_limits).
+    clips or thresholds D as the checkpoint's own sampler does (memaudit.models.x0_limits). `num_classes`, when
+    set, makes it class-conditional: the network is called net(x_in, noise_in, class_labels) (memaudit.conditioning).
     """
 
     def __init__(self, net: nn.Module, param: str, schedule: Schedule,
                  image_shape: Optional[tuple[int, int, int]] = None,
-                 fixed_noise_input: Optional[float] = None, x0_limit: Optional[X0Limit] = None):
+                 fixed_noise_input: Optional[float] = None, x0_limit: Optional[X0Limit] = None,
+                 num_classes: Optional[int] = None):
         super().__init__()
         check_parameterisation(param)
         self.net = net
@@ -76,6 +79,7 @@ class NetworkDenoiser(ScheduledDenoiser):
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.fixed_noise_input = fixed_noise_input
         self.x0_limit = x0_limit
+        self.num_classes = num_classes
 
     def network_inputs(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(x_in, noise_in) that the wrapped network expects for EDM input x at noise level sigma."""
@@ -86,9 +90,11 @@ class NetworkDenoiser(ScheduledDenoiser):
             noise_in = self.schedule.c_noise(sigma)
         return x_in, noise_in
 
-    def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def denoise(self, x: Tensor, sigma: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
         x_in, noise_in = self.network_inputs(x, sigma)
-        out = network_output(self.net(x_in, noise_in))
+        labels = check_labels(class_labels, self.num_classes, x.shape[0])
+        args = (x_in, noise_in) if labels is None else (x_in, noise_in, labels.to(x.device))
+        out = network_output(self.net(*args))
         if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
             out = out[:, : x.shape[1]]  # a learned-variance output (guided-diffusion, diffusers): the mean part
         if out.shape != x.shape:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from memaudit.conditioning import describe_conditioning, num_classes
 from memaudit.models import latent
 from memaudit.models.parameterisations import PARAMETERISATIONS
 from memaudit.models.schedules import SCHEDULES, make_schedule
@@ -31,7 +32,8 @@ def describe_model(denoiser: Any) -> dict:
         "sigma_min": float(denoiser.sigma_min),
         "sigma_max": float(denoiser.sigma_max),
         "x0_limit": limit.describe() if limit is not None else None,
-        "conditioning": "none (unconditional)",
+        "conditioning": describe_conditioning(denoiser),
+        "num_classes": num_classes(denoiser),
         "noise_input": ("fixed at %g (noise-unconditioned)" % denoiser.fixed_noise_input
                         if getattr(denoiser, "fixed_noise_input", None) is not None else "the noise level"),
         "image_shape": list(shape) if shape is not None else None,

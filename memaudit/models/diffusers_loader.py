@@ -2,7 +2,8 @@
 
 The scheduler's own alphas_cumprod give the VP schedule, abar_t = prod_{s<=t} (1 - beta_s); prediction_type
 epsilon|v_prediction|sample -> eps|v|x0; clip_sample / thresholding limit D; every other field is honoured or
-refused by memaudit.models.scheduler_fields; the network is net(x_vp, t) = unet(x_vp, t).sample.
+refused by memaudit.models.scheduler_fields; the network is net(x_vp, t) = unet(x_vp, t).sample, or with
+num_class_embeds = N (class_embed_type None) the class-conditional net(x_vp, t, c) = unet(x_vp, t, class_labels=c).
 diffusers is an optional extra, imported only when such a folder is loaded.
 """
 
@@ -97,15 +98,17 @@ def param_from_scheduler(config: dict, source: Path) -> str:
 
 
 class DiffusersUNetNet(nn.Module):
-    """net(x_in, t) = unet(x_in, t).sample; of a learned-variance output (2C channels) the first C."""
+    """net(x_in, t[, c]) = unet(x_in, t, class_labels=c).sample; of a learned-variance output (2C channels) the
+    first C."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
         self.architecture = {"name": "diffusers", "kwargs": {"config": unet_config(unet)}}
+        self.num_classes = class_count(dict(unet.config))
 
-    def forward(self, x_in: Tensor, noise_in: Tensor) -> Tensor:
-        out = self.unet(x_in, noise_in).sample
+    def forward(self, x_in: Tensor, noise_in: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
+        out = self.unet(x_in, noise_in, class_labels=class_labels).sample
         if out.shape[1] == 2 * x_in.shape[1]:
             out = out[:, : x_in.shape[1]]
         return out
@@ -115,6 +118,16 @@ def unet_config(unet: nn.Module) -> dict:
     """The UNet's public config as plain JSON values (tuples become lists, private keys dropped)."""
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     return json.loads(json.dumps(config))
+
+
+def class_count(config: dict) -> Optional[int]:
+    """num_class_embeds of a UNet with a label embedding (class_embed_type None), None when unconditional;
+    a UserError for the class embeddings memaudit cannot feed (timestep, identity, projection, simple_projection)."""
+    kind, n = config.get("class_embed_type"), config.get("num_class_embeds")
+    if kind is not None:
+        raise UserError(f"the diffusers UNet has class_embed_type {kind!r}, which takes vectors rather than class "
+                        "labels; memaudit audits label-conditioned UNets (num_class_embeds) and unconditional ones")
+    return int(n) if n is not None else None
 
 
 def image_shape_of(config: dict) -> Optional[tuple[int, int, int]]:
@@ -147,7 +160,7 @@ def load_unet(unet_dir: Path) -> DiffusersUNetNet:
     config = read_json(unet_dir / CONFIG_NAME) or {}
     if config.get("_class_name") not in UNET_CLASSES:
         raise UserError(f"{unet_dir}: {config.get('_class_name')!r} is not supported; memaudit loads "
-                        f"unconditional {', '.join(UNET_CLASSES)} models")
+                        f"{', '.join(UNET_CLASSES)} models (unconditional or with num_class_embeds)")
     model_cls = import_diffusers().UNet2DModel
     try:
         unet = model_cls.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
@@ -174,7 +187,8 @@ def load_diffusers(folder: str | Path, *, device: str | torch.device = "cpu", pa
     set_sigma_range(sched, sigma_min, sigma_max)
     param = param or param_from_scheduler(sched_config, sched_path)
     limit = scheduler_fields.x0_limit_of(sched_config) if schedule is None else None
-    denoiser = NetworkDenoiser(net, param, sched, image_shape=image_shape_of(dict(net.unet.config)), x0_limit=limit)
+    denoiser = NetworkDenoiser(net, param, sched, image_shape=image_shape_of(dict(net.unet.config)), x0_limit=limit,
+                               num_classes=net.num_classes)
     return denoiser.to(device).eval()
 
 

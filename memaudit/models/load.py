@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from memaudit.conditioning import num_classes
 from memaudit.denoiser import Denoiser, check_shape, fmt_shape
 from memaudit.errors import UserError, first_lines
 from memaudit.models import ddpm_pytorch, diffusers_loader, kdiffusion, latent, native, statedict, torchscript
@@ -44,6 +45,7 @@ class LoadOptions:
     factory_args: Optional[str] = None
     vae: Optional[str] = None  # --vae: the autoencoder of a latent model (memaudit.models.latent)
     latent_scale: Optional[float] = None
+    num_classes: Optional[int] = None
 
     def network(self) -> dict:
         """The options that shape how a bare network is wrapped."""
@@ -71,7 +73,8 @@ def _load_diffusers(path: Path, o: LoadOptions) -> Denoiser:
 
 def _load_torchscript(path: Path, o: LoadOptions) -> Denoiser:
     _reject(o.factory, "--factory", path, "torchscript")
-    return wrap_network(torchscript.load_torchscript(path, o.device), path, "torchscript", **o.network())
+    return wrap_network(torchscript.load_torchscript(path, o.device), path, "torchscript", **o.network(),
+                        num_classes=o.num_classes)
 
 
 def _load_ddpm_pytorch(path: Path, o: LoadOptions) -> Denoiser:
@@ -84,7 +87,8 @@ def _load_ddpm_pytorch(path: Path, o: LoadOptions) -> Denoiser:
 
 def _load_kdiffusion(path: Path, o: LoadOptions) -> Denoiser:
     _reject(o.factory, "--factory", path, "k-diffusion")
-    denoiser = kdiffusion.load_kdiffusion(path, model_config=o.model_config, param=o.param, schedule=o.schedule)
+    denoiser = kdiffusion.load_kdiffusion(path, model_config=o.model_config, param=o.param, schedule=o.schedule,
+                                          num_classes=o.num_classes)
     check_within(o.sigma_min, o.sigma_max, denoiser.sigma_min, denoiser.sigma_max, f"of {path}'s config")
     set_sigma_range(denoiser.schedule, o.sigma_min, o.sigma_max)
     return denoiser
@@ -93,7 +97,8 @@ def _load_kdiffusion(path: Path, o: LoadOptions) -> Denoiser:
 def _load_file(fmt: str) -> Callable[[Path, LoadOptions], Denoiser]:
     def load(path: Path, o: LoadOptions) -> Denoiser:
         args = read_json_arg(o.factory_args, "--factory-args")
-        return wrap_network(load_file_network(path, o.factory, o.trust_pickle, args), path, fmt, **o.network())
+        return wrap_network(load_file_network(path, o.factory, o.trust_pickle, args), path, fmt, **o.network(),
+                            num_classes=o.num_classes)
     return load
 
 
@@ -127,6 +132,8 @@ FORMATS: dict[str, ModelFormat] = {
 
 
 MODEL_CONFIG_FORMATS = ("ddpm-pytorch", "k-diffusion")  # the formats --model-config applies to
+# --num-classes says whether they take labels: bare networks, and k-diffusion's mapping_cond (checked there)
+NUM_CLASSES_FORMATS = ("torchscript", "safetensors", "torch", "k-diffusion")
 
 
 def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional[str] = None,
@@ -135,7 +142,7 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional
                round_timesteps: bool = False, train: Optional[torch.Tensor] = None,
                model_config: Optional[str] = None, factory_args: Optional[str] = None,
                vae: Optional[str] = None, latent_scale: Optional[float] = None,
-               latent_cache: Optional[Path] = None) -> Denoiser:
+               latent_cache: Optional[Path] = None, num_classes: Optional[int] = None) -> Denoiser:
     """The model named by `spec` (a path, or "empirical[:...]" built on `train`) as D(x, sigma), eval mode.
 
     A latent model (a pipeline folder with vae/, or any model with `vae`) is a latent.LatentModel; the empirical
@@ -148,13 +155,15 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", param: Optional
     path = Path(spec).expanduser()
     fmt = detect_format(path)
     options = LoadOptions(device, param, schedule, factory, trust_pickle, sigma_min, sigma_max, round_timesteps,
-                          model_config, factory_args, vae, latent_scale)
+                          model_config, factory_args, vae, latent_scale, num_classes)
     if factory_args is not None and (factory is None or fmt not in ("safetensors", "torch")):
         raise UserError("--factory-args gives the arguments of --factory, for a state-dict file: "
                         + ("pass --factory too" if factory is None else f"{path} is a {fmt} model"))
     if model_config is not None and fmt not in MODEL_CONFIG_FORMATS:
         raise UserError(f"--model-config does not apply to {path}: it is a {fmt} model")
     denoiser = FORMATS[fmt].load(path, options)
+    if fmt not in NUM_CLASSES_FORMATS:
+        check_recorded_classes(num_classes, denoiser, path, fmt)
     if fmt != "native" and (sigma_min is not None or sigma_max is not None):
         check_timestep_range(denoiser.schedule, sigma_min, sigma_max)
     denoiser.source = {"format": fmt, "path": str(path)}
@@ -186,6 +195,14 @@ def load_empirical_latent(spec: str, train: Optional[torch.Tensor], device: str 
     model.encoded = encoded
     model.source = {"format": "latent (empirical + --vae)", "path": None}
     return model
+
+
+def check_recorded_classes(given: Optional[int], denoiser: Denoiser, path: Path, fmt: str) -> None:
+    """UserError when --num-classes contradicts the conditioning a checkpoint records."""
+    recorded = num_classes(denoiser)
+    if given is not None and given != recorded:
+        what = f"class-conditional with {recorded} classes" if recorded else "unconditional"
+        raise UserError(f"{path} is a {fmt} model that records its conditioning ({what}): drop --num-classes {given}")
 
 
 def check_within(sigma_min: Optional[float], sigma_max: Optional[float], lo: float, hi: float, what: str) -> None:
@@ -280,14 +297,16 @@ def load_file_network(path: Path, factory: Optional[str], trust_pickle: bool,
 
 
 def wrap_network(net: nn.Module, path: Path, fmt: str, *, param: Optional[str], schedule: Optional[str],
-                 sigma_min: Optional[float], sigma_max: Optional[float], round_timesteps: bool) -> NetworkDenoiser:
-    """NetworkDenoiser(net, param, schedule) for formats that do not record how the network was trained."""
+                 sigma_min: Optional[float], sigma_max: Optional[float], round_timesteps: bool,
+                 num_classes: Optional[int] = None) -> NetworkDenoiser:
+    """NetworkDenoiser(net, param, schedule) for formats that do not record how the network was trained; with
+    num_classes (--num-classes), the network is called net(x_in, noise_in, class_labels)."""
     if param is None or schedule is None:
         raise UserError(f"{path} is a {fmt} model that does not record how it was trained: pass "
                         f"--param {'|'.join(PARAMETERISATIONS)} and --schedule {'|'.join(SCHEDULES)}")
     sched = make_schedule(schedule, sigma_min, sigma_max)
     sched.round_timesteps = bool(round_timesteps)
-    return NetworkDenoiser(net, param, sched)
+    return NetworkDenoiser(net, param, sched, num_classes=num_classes)
 
 
 def load_native_checked(path: Path, device: str | torch.device, *, factory: Optional[str],
@@ -324,19 +343,35 @@ def check_model_on_data(denoiser: Denoiser, image_shape: Sequence[int], batch: i
     x0 = torch.rand((batch, *image_shape), generator=gen) * 2 - 1
     noise = torch.randn(x0.shape, generator=gen)
     shape = fmt_shape(image_shape)
+    classes = num_classes(denoiser)  # a class-conditional model is checked on its first and last class
+    labels = None if classes is None else torch.tensor([0, classes - 1] * batch)[:batch].to(denoiser.device)
     for sigma in ((lo * hi) ** 0.5, lo, hi):
         x = (x0 + sigma * noise).to(denoiser.device, _float_dtype(denoiser))
         try:
             with torch.no_grad():
-                out = denoiser(x, sigma)
+                out = denoiser(x, sigma, class_labels=labels)
         except UserError as exc:
             raise UserError(f"the model fails on {shape} (CxHxW) images: {first_lines(exc)}") from None
+        except (TypeError, IndexError) as exc:  # a network called with or without class labels it does not expect
+            raise UserError(f"the model fails on {shape} (CxHxW) images: {first_lines(exc, with_type=True)}; "
+                            + classes_hint(classes)) from None
         except RuntimeError as exc:
+            if "argument" in str(exc):  # TorchScript's wrong number of arguments
+                raise UserError(f"the model fails on {shape} (CxHxW) images: {first_lines(exc)}; "
+                                + classes_hint(classes)) from None
             raise UserError(f"image shape mismatch: the model fails on {shape} (CxHxW) images: "
                             f"{first_lines(exc)}") from None
         if not torch.isfinite(out).all():
             raise UserError(f"the model returns NaN/inf on {shape} images at sigma={sigma:.3g}; "
                             + non_finite_hint(denoiser))
+
+
+def classes_hint(classes: Optional[int]) -> str:
+    """What to check when a network fails on the class labels it was, or was not, given."""
+    if classes is None:
+        return "if the network is class-conditional, net(x_in, noise_in, class_labels), pass --num-classes N"
+    return (f"it was called net(x_in, noise_in, class_labels) for {classes} classes: check --num-classes "
+            f"{classes} (drop it for an unconditional network)")
 
 
 def non_finite_hint(denoiser: Denoiser) -> str:

@@ -2,7 +2,8 @@
 
 config.json: {"format": "memaudit-native", "version": 1, "architecture": {"name": ..., "kwargs": {...}},
 "parameterisation", "schedule", "sigma_min", "sigma_max", "sigma_data", "image_shape", "fixed_noise_input",
-"history": [...]}, plus "alphas_cumprod" for a VP schedule with custom betas (e.g. from diffusers).
+"num_classes" (class-conditional: the network takes class labels, memaudit.conditioning), "history": [...]},
+plus "alphas_cumprod" for a VP schedule with custom betas (e.g. from diffusers).
 No pickle anywhere: loading a native checkpoint never runs code from the file (a "torchscript" architecture
 is TorchScript read by torch.jit.load; a "factory" one runs only when the user names the same --factory).
 """
@@ -61,9 +62,11 @@ def is_native(path: str | Path) -> bool:
 
 def make_unet_denoiser(image_shape: tuple[int, int, int], base_channels: int = 32,
                        channel_mult: tuple[int, ...] = (1, 2), num_res_blocks: int = 1,
-                       sigma_data: float = 0.5, seed: int | None = None) -> NetworkDenoiser:
+                       sigma_data: float = 0.5, seed: int | None = None,
+                       num_classes: int | None = None) -> NetworkDenoiser:
     """A fresh EDM-preconditioned UNet denoiser for images of shape (C, H, W); with `seed`, its initial weights
-    come from that seed (the global RNG is left as it was), so `train --seed` is reproducible."""
+    come from that seed (the global RNG is left as it was), so `train --seed` is reproducible; with
+    `num_classes`, class-conditional."""
     c, h, w = image_shape
     factor = 2 ** (len(channel_mult) - 1)
     if h % factor or w % factor:
@@ -72,9 +75,10 @@ def make_unet_denoiser(image_shape: tuple[int, int, int], base_channels: int = 3
         if seed is not None:
             torch.manual_seed(seed)
         net = UNet(in_channels=c, base_channels=base_channels, channel_mult=tuple(channel_mult),
-                   num_res_blocks=num_res_blocks)
+                   num_res_blocks=num_res_blocks, num_classes=num_classes)
     net.architecture = {"name": "unet", "kwargs": net.config}
-    return NetworkDenoiser(net, "edm", make_schedule("edm", sigma_data=sigma_data), image_shape=image_shape)
+    return NetworkDenoiser(net, "edm", make_schedule("edm", sigma_data=sigma_data), image_shape=image_shape,
+                           num_classes=num_classes)
 
 
 def native_config(denoiser: NetworkDenoiser, history: list[dict] | None = None) -> dict[str, Any]:
@@ -96,6 +100,7 @@ def native_config(denoiser: NetworkDenoiser, history: list[dict] | None = None) 
         **custom_alphas_cumprod(sched),
         "image_shape": list(denoiser.image_shape) if denoiser.image_shape else None,
         "fixed_noise_input": denoiser.fixed_noise_input,
+        **({"num_classes": denoiser.num_classes} if getattr(denoiser, "num_classes", None) else {}),
         **({"x0_limit": denoiser.x0_limit.record()} if getattr(denoiser, "x0_limit", None) else {}),
         **({"sigma_interpolation": sched.interpolation} if sched.interpolation != "log" else {}),
         "history": list(history or []),
@@ -220,6 +225,7 @@ def validate_config(config: dict, path: Path) -> None:
         raise UserError(f"{path}: sigma_min {config['sigma_min']} must be below sigma_max {config['sigma_max']}")
     if config.get("fixed_noise_input") is not None:
         _number(config, "fixed_noise_input", path, positive=False)
+    _check_num_classes(config, path)
     if not isinstance(config.get("round_timesteps", False), bool):
         raise _bad(path, "round_timesteps", "true or false", config["round_timesteps"])
     if not isinstance(config.get("history", []), list):
@@ -231,6 +237,18 @@ def validate_config(config: dict, path: Path) -> None:
         raise _bad(path, "sigma_interpolation", f"one of {', '.join(INTERPOLATIONS)}", config["sigma_interpolation"])
     if arch["name"] == "unet":
         check_unet_kwargs(arch.get("kwargs", {}), path)
+
+
+def _check_num_classes(config: dict, path: Path) -> None:
+    """num_classes: absent/null (unconditional) or an integer from 1 to MAX_CLASSES, the same as the UNet's."""
+    n = config.get("num_classes")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CLASSES):
+        raise _bad(path, "num_classes", f"null or an integer from 1 to {MAX_CLASSES}", n)
+    arch = config["architecture"]
+    built = arch.get("kwargs", {}).get("num_classes") if arch["name"] == "unet" else n
+    if built != n:
+        raise UserError(f"{path}: num_classes {json.dumps(n)} disagrees with the UNet's num_classes "
+                        f"{json.dumps(built)}")
 
 
 def _check_image_shape(shape: Any, path: Path) -> None:
@@ -253,12 +271,13 @@ def _check_alphas_cumprod(abar: Any, path: Path) -> None:
 # Bounds on the built-in UNet's settings: far beyond any model this UNet is meant for, far below absurd.
 UNET_LIMITS = {"in_channels": (1, 64), "base_channels": (1, 4096), "num_res_blocks": (1, 64), "emb_dim": (2, 16384)}
 MAX_SIDE = 65536
+MAX_CLASSES = 1_000_000
 META_CHECKED = ("unet", "diffusers")  # builders that run no user code, so they can be built on the meta device
 
 
 def check_unet_kwargs(kwargs: dict, path: Path) -> None:
     """UserError for built-in UNet settings of the wrong type or an absurd size (before anything is allocated)."""
-    known = set(UNET_LIMITS) | {"channel_mult", "dropout"}
+    known = set(UNET_LIMITS) | {"channel_mult", "dropout", "num_classes"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise UserError(f"{path}: unknown UNet setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -335,6 +354,7 @@ def load_native(folder: str | Path, device: str | torch.device = "cpu") -> Netwo
     denoiser = NetworkDenoiser(net, config["parameterisation"], schedule,
                                image_shape=tuple(shape) if shape else None,
                                fixed_noise_input=config.get("fixed_noise_input"),
-                               x0_limit=x0_limit_from_record(config.get("x0_limit"), str(folder)))
+                               x0_limit=x0_limit_from_record(config.get("x0_limit"), str(folder)),
+                               num_classes=config.get("num_classes"))
     denoiser.history = list(config.get("history", []))
     return denoiser.to(device).eval()

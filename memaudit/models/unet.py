@@ -1,4 +1,8 @@
-"""A small UNet (a few 100k to 2M parameters) taking (x_in, noise_in) -> output, for native checkpoints."""
+"""A small UNet (a few 100k to 2M parameters) taking (x_in, noise_in) -> output, for native checkpoints.
+
+With num_classes = N it is class-conditional: forward(x_in, noise_in, class_labels) adds a learned embedding of
+the label (nn.Embedding(N, emb_dim)) to the noise embedding, as guided-diffusion and diffusers' num_class_embeds do.
+"""
 
 from __future__ import annotations
 
@@ -53,12 +57,15 @@ class UNet(nn.Module):
     """UNet with `len(channel_mult)` resolution levels; H and W must be divisible by 2**(levels-1)."""
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mult: tuple[int, ...] = (1, 2),
-                 num_res_blocks: int = 1, emb_dim: int = 128, dropout: float = 0.0):
+                 num_res_blocks: int = 1, emb_dim: int = 128, dropout: float = 0.0,
+                 num_classes: int | None = None):
         super().__init__()
         self.config = dict(in_channels=in_channels, base_channels=base_channels,
                            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
-                           emb_dim=emb_dim, dropout=dropout)
+                           emb_dim=emb_dim, dropout=dropout, **({"num_classes": num_classes} if num_classes else {}))
         self.embed = NoiseEmbedding(emb_dim)
+        self.num_classes = num_classes
+        self.class_embed = nn.Embedding(num_classes, emb_dim) if num_classes else None
         self.stem = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         chans = [base_channels * m for m in channel_mult]
         self.down = nn.ModuleList()
@@ -89,8 +96,12 @@ class UNet(nn.Module):
         self.out = nn.Conv2d(c, in_channels, 3, padding=1)
         self.levels = len(chans)
 
-    def forward(self, x: Tensor, noise_in: Tensor) -> Tensor:
+    def forward(self, x: Tensor, noise_in: Tensor, class_labels: Tensor | None = None) -> Tensor:
         emb = self.embed(noise_in.reshape(-1).expand(x.shape[0]) if noise_in.numel() == 1 else noise_in)
+        if (class_labels is None) != (self.class_embed is None):
+            raise ValueError("a class-conditional UNet needs class_labels; an unconditional one takes none")
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(class_labels.long())
         h = self.stem(x)
         hs = [h]
         for level, blocks in enumerate(self.down):
