@@ -26,6 +26,7 @@ from torch import Tensor
 
 from memaudit.errors import SettingError, UserError, first_lines
 from memaudit.resources import check_fits
+from memaudit.storage import ImageStore, float_budget, keep_as_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 ARRAY_KEYS = ("images", "x", "data", "arr_0")
@@ -39,13 +40,24 @@ WORKING_COPIES = 3
 
 @dataclass
 class Dataset:
-    """Images (N, C, H, W) in [-1, 1] and how their values were read, e.g. 'uint8 [0, 255]'."""
+    """Images (N, C, H, W) in [-1, 1] (a float32 tensor, or an ImageStore of uint8 bytes for an 8-bit set too
+    large for float32: memaudit.storage) and how their values were read, e.g. 'uint8 [0, 255]'."""
 
-    images: Tensor
+    data: "Tensor | ImageStore"
     value_range: str
     labels: Optional[Tensor] = None  # (N,) long class ids, or None
     class_names: Optional[list[str]] = None  # name of each class id (folder names; str(id) for .npz labels)
     labels_problem: str = "the data has no class labels (class subfolders, or a 'labels' array in the .npz)"
+
+    @property
+    def store(self) -> ImageStore:
+        """The images as a store (no copy): what a scan reads."""
+        return ImageStore.of(self.data)
+
+    @property
+    def images(self) -> Tensor:
+        """The images as one float32 tensor (a uint8 store is converted: a copy)."""
+        return self.data.float() if isinstance(self.data, ImageStore) else self.data
 
 
 def parse_value_range(text: Optional[str]) -> Optional[tuple[float, float]]:
@@ -88,8 +100,8 @@ def load_dataset(path: str | Path, resize: Optional[int] = None, channels: Optio
         dataset = _stack_pil([_open_image(path)], resize, channels, value_range)
     else:
         raise UserError(f"unsupported data file {path}: use a folder of images or a .npy/.npz array")
-    if not torch.isfinite(dataset.images).all():
-        raise UserError(f"{path} contains NaN or infinite values")
+    if not isinstance(dataset.data, ImageStore) and not torch.isfinite(dataset.data).all():
+        raise UserError(f"{path} contains NaN or infinite values")  # (uint8 bytes are always finite)
     return dataset
 
 
@@ -100,9 +112,11 @@ def check_memory(count: int, shape: Sequence[int], name: str, resize: Optional[i
         c = channels
     if resize is not None:
         h = w = resize
-    needed = WORKING_COPIES * 4.0 * count * c * h * w
-    check_fits(needed, f"{name} ({count} images of {c}x{h}x{w}, held as float32 with its neighbour index)",
-               "use --limit N to audit a subset")
+    size = count * c * h * w
+    as_bytes = 2 * 4 * size > float_budget() and resize is None and channels is None
+    needed = size + float_budget() if as_bytes else WORKING_COPIES * 4.0 * size
+    held = "held as uint8, converted chunk by chunk" if as_bytes else "held as float32 with its neighbour index"
+    check_fits(needed, f"{name} ({count} images of {c}x{h}x{w}, {held})", "use --limit N to audit a subset")
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -239,8 +253,8 @@ def _load_array_file(path: Path, resize, channels, limit, value_range) -> Datase
                                                            (shape[3], shape[1], shape[2]))
         check_memory(count, layout, str(path), resize, channels)
     labels = None
-    try:
-        loaded = np.load(path, allow_pickle=False)
+    try:  # a .npy is memory-mapped: an 8-bit set too large for float32 stays on disk until read
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix.lower() == ".npy" else None)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 array = _pick_npz_array(loaded, path)
@@ -308,6 +322,9 @@ def array_to_dataset(array: np.ndarray, resize: Optional[int] = None, channels: 
         raise UserError(f"{name} holds no images")
     if min(nchw.shape[2:]) == 0:
         raise UserError(f"{name}: images have zero size {nchw.shape[2]}x{nchw.shape[3]}")
+    if value_range is None and channels in (None, nchw.shape[1]) and resize in (None, *(
+            [nchw.shape[2]] if nchw.shape[2] == nchw.shape[3] else [])) and keep_as_bytes(nchw, nchw.shape):
+        return Dataset(ImageStore(_byte_tensor(nchw)), "uint8 [0, 255]")
     values, reading = _to_unit_range(nchw, name, value_range)
     images = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
     if channels is not None and images.shape[1] != channels:
@@ -315,6 +332,15 @@ def array_to_dataset(array: np.ndarray, resize: Optional[int] = None, channels: 
     if resize is not None and tuple(images.shape[-2:]) != (resize, resize):
         images = resize_images(images, resize)
     return Dataset(images, reading)
+
+
+def _byte_tensor(nchw: np.ndarray) -> Tensor:
+    """A uint8 (N, C, H, W) tensor over the array's memory (a view: a memory-mapped .npy stays mapped)."""
+    import warnings
+
+    with warnings.catch_warnings():  # a read-only memory map: memaudit never writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(nchw)
 
 
 def resize_images(images: Tensor, size: int) -> Tensor:

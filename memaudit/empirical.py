@@ -18,6 +18,7 @@ from torch import Tensor
 
 from memaudit.denoiser import Denoiser, as_sigma
 from memaudit.errors import UserError
+from memaudit.storage import ImageStore
 
 DEFAULT_CHUNK = 4096
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6  # beyond these sigma^2 T under- or overflows float32
@@ -48,7 +49,7 @@ class EmpiricalDenoiser(Denoiser):
                  chunk_size: int = DEFAULT_CHUNK, bandwidth: Optional[float] = None, tail: Optional[int] = None,
                  seed: int = 0):
         super().__init__()
-        if train.ndim != 4 or train.shape[0] == 0:
+        if len(train.shape) != 4 or train.shape[0] == 0:
             raise UserError("the empirical model needs a non-empty training set of shape (M, C, H, W)")
         if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
             raise UserError(f"temperature T must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
@@ -66,9 +67,17 @@ class EmpiricalDenoiser(Denoiser):
         self.temperature = float(temperature)
         self.k = None if k is None else min(int(k), train.shape[0])
         self.chunk_size = int(chunk_size)
-        flat = train.reshape(train.shape[0], -1).contiguous()
-        self.register_buffer("points", flat, persistent=False)
-        self.register_buffer("neg_sq_norms", -(flat * flat).sum(1), persistent=False)
+        if isinstance(train, ImageStore) and not train.is_bytes:
+            train = train.raw
+        self.store = train if isinstance(train, ImageStore) else None
+        if self.store is not None:  # uint8 bytes: each chunk converted to float32 when read (memaudit.storage)
+            self.register_buffer("points", None, persistent=False)
+            norms = [-(rows * rows).sum(1) for _, _, rows in self.store.chunks(self.chunk_size)]
+            self.register_buffer("neg_sq_norms", torch.cat(norms), persistent=False)
+        else:
+            flat = train.reshape(train.shape[0], -1).contiguous()
+            self.register_buffer("points", flat, persistent=False)
+            self.register_buffer("neg_sq_norms", -(flat * flat).sum(1), persistent=False)
         self.sigma_min, self.sigma_max = 0.002, 80.0
         tail_idx = (torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))[: int(tail)]
                     if tail else torch.empty(0, dtype=torch.long))
@@ -83,7 +92,23 @@ class EmpiricalDenoiser(Denoiser):
 
     @property
     def num_points(self) -> int:
-        return self.points.shape[0]
+        return len(self.store) if self.points is None else self.points.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if self.points is None else self.points.dtype
+
+    @property
+    def points_device(self) -> torch.device:
+        return self.store.device if self.points is None else self.points.device
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Training rows start:stop as float (d,) vectors: a view, or converted from the uint8 store."""
+        return self.store.rows(start, stop) if self.points is None else self.points[start:stop]
+
+    def gather(self, idx: Tensor) -> Tensor:
+        """Training rows at indices of any shape: idx.shape + (d,)."""
+        return self.store.gather_rows(idx) if self.points is None else self.points[idx]
 
     def variance(self, x: Tensor, sigma: Tensor) -> Tensor:
         """The softmax variance v = sigma^2 T, floored at h^2 when a bandwidth is set, as a (B, 1) column."""
@@ -96,10 +121,10 @@ class EmpiricalDenoiser(Denoiser):
 
     def chunk_logits(self, xf: Tensor, start: int, stop: int, inv: Tensor) -> Tensor:
         """Logits -(||x_i||^2 - 2 x.x_i) / (2 sigma^2 T) for training rows start:stop, shape (B, stop-start)."""
-        return torch.addmm(self.neg_sq_norms[start:stop], xf, self.points[start:stop].T, alpha=2.0) * inv
+        return torch.addmm(self.neg_sq_norms[start:stop], xf, self.rows(start, stop).T, alpha=2.0) * inv
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
-        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        xf = x.reshape(x.shape[0], -1).to(self.dtype)
         sigma = as_sigma(sigma, xf)
         out = self._knn_denoise(xf, sigma) if self.k is not None else self._stream(xf, sigma)[0]
         return out.reshape(x.shape).to(x.dtype)
@@ -114,10 +139,10 @@ class EmpiricalDenoiser(Denoiser):
         inplace = not (torch.is_grad_enabled() and xf.requires_grad)  # in-place updates break autograd
         for start in range(0, self.num_points, self.chunk_size):
             stop = min(start + self.chunk_size, self.num_points)
-            logits = self.chunk_logits(xf, start, stop, inv)
+            pts = self.rows(start, stop)
+            logits = torch.addmm(self.neg_sq_norms[start:stop], xf, pts.T, alpha=2.0) * inv
             new_max = torch.maximum(run_max, logits.amax(1, keepdim=True))
             rescale = torch.exp(run_max - new_max)
-            pts = self.points[start:stop]
             if inplace:
                 e = logits.sub_(new_max).exp_()
                 run_sum.mul_(rescale).add_(e.sum(1, keepdim=True))
@@ -135,7 +160,7 @@ class EmpiricalDenoiser(Denoiser):
 
     def topk(self, x: Tensor, sigma: Tensor | float, k: int) -> TopK:
         """The k largest empirical logits per sample (= its k nearest training points), streamed over chunks."""
-        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        xf = x.reshape(x.shape[0], -1).to(self.dtype)
         inv = self.inverse_scale(xf, as_sigma(sigma, xf))
         k = min(int(k), self.num_points)
         best_val = torch.empty((xf.shape[0], 0), dtype=xf.dtype, device=xf.device)
@@ -155,7 +180,7 @@ class EmpiricalDenoiser(Denoiser):
         with a random tail its members too (n = k + L, tail members inside the top k weighed 0)."""
         idx = self.topk(xf, sigma, self.k).indices
         if not len(self.tail_indices):
-            return self.knn_weights(xf, sigma, idx), self.points[idx]
+            return self.knn_weights(xf, sigma, idx), self.gather(idx)
         tail = self.tail_indices.to(idx.device).expand(idx.shape[0], -1)
         outside = ~(tail[:, :, None] == idx[:, None, :]).any(2)  # (B, L): tail members not among the top k
         factor = (self.num_points - idx.shape[1]) / outside.sum(1, keepdim=True).clamp_min(1)
@@ -164,7 +189,7 @@ class EmpiricalDenoiser(Denoiser):
         log_scale = torch.cat([torch.zeros_like(idx, dtype=logits.dtype),
                                torch.where(outside, factor.log().to(logits.dtype),
                                            torch.full_like(factor, -torch.inf).expand_as(tail))], 1)
-        return torch.softmax(logits + log_scale, dim=1), self.points[both]
+        return torch.softmax(logits + log_scale, dim=1), self.gather(both)
 
     def _knn_denoise(self, xf: Tensor, sigma: Tensor) -> Tensor:
         """D* restricted to the k nearest points: sum_j w_j x_(j)."""
@@ -173,19 +198,19 @@ class EmpiricalDenoiser(Denoiser):
 
     def logits_at(self, xf: Tensor, sigma: Tensor, idx: Tensor) -> Tensor:
         """-||x - x_i||^2 / (2 v) for the given training indices (B, n), distances computed directly."""
-        d2 = ((xf[:, None, :] - self.points[idx]) ** 2).sum(-1)
+        d2 = ((xf[:, None, :] - self.gather(idx)) ** 2).sum(-1)
         return -d2 * self.inverse_scale(xf, sigma)
 
     def nearest_distance(self, x: Tensor) -> Tensor:
         """||x - NN(x)|| per sample, NN(x) its nearest training image (exact distance); (B,)."""
-        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        xf = x.reshape(x.shape[0], -1).to(self.dtype)
         idx = self.topk(xf, 1.0, 1).indices[:, 0]
-        return (xf - self.points[idx]).norm(dim=1)
+        return (xf - self.gather(idx)).norm(dim=1)
 
     def truncated_mass(self, x: Tensor, sigma: Tensor | float, k: int, tail: int = 256, seed: int = 0) -> Tensor:
         """The share of the full softmax weight outside the top k, per sample: exact when tail >= M - k, else
         estimated from `tail` random non-neighbours; (B,)."""
-        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        xf = x.reshape(x.shape[0], -1).to(self.dtype)
         sigma = as_sigma(sigma, xf)
         top = self.topk(xf, sigma, k)
         rest = torch.ones(self.num_points, dtype=torch.bool, device=xf.device).expand(xf.shape[0], -1).clone()
@@ -210,8 +235,8 @@ class EmpiricalDenoiser(Denoiser):
     def jvp(self, x: Tensor, sigma: Tensor | float, v: Tensor) -> Tensor:
         """J v = (sum_i w_i x_i (x_i.v) - D (D.v)) / v_sigma, the analytic Jacobian-vector product
         (v_sigma = sigma^2 T, or max(sigma^2 T, h^2) with a bandwidth floor)."""
-        xf = x.reshape(x.shape[0], -1).to(self.points.dtype)
-        vf = v.reshape(v.shape[0], -1).to(self.points.dtype)
+        xf = x.reshape(x.shape[0], -1).to(self.dtype)
+        vf = v.reshape(v.shape[0], -1).to(self.dtype)
         sigma = as_sigma(sigma, xf)
         if self.k is not None:
             w, pts = self._knn(xf, sigma)

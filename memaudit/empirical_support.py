@@ -64,7 +64,7 @@ def find_support(empirical, x: Tensor, sigma: Tensor | float, tol: float = DEFAU
     fits the memory budget bounds the left-out weight by tol (or the denoiser is a kNN variant, already restricted)."""
     if empirical.k is not None:
         return None
-    xf = x.reshape(x.shape[0], -1).to(empirical.points.dtype)
+    xf = x.reshape(x.shape[0], -1).to(empirical.dtype)
     sigma = as_sigma(sigma, xf)
     per_point = xf.shape[0] * xf.shape[1] * xf.element_size()
     cap = min(empirical.num_points, max(1, budget_bytes // max(per_point, 1)))
@@ -74,4 +74,4 @@ def find_support(empirical, x: Tensor, sigma: Tensor | float, tol: float = DEFAU
         return None
     idx = top.indices[:, :size]
     logits = empirical.logits_at(xf, sigma, idx)  # exact distances on the support
-    return Support(torch.softmax(logits, 1), empirical.points[idx], empirical.variance(xf, sigma))
+    return Support(torch.softmax(logits, 1), empirical.gather(idx), empirical.variance(xf, sigma))

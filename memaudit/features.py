@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from memaudit.data import to_uint8
+from memaudit.storage import ImageStore
 from memaudit.errors import UserError, first_lines
 
 
@@ -52,6 +53,9 @@ PIXELS = FeatureSpace("pixels")
 def embed(images: Tensor, features: Optional[FeatureSpace], batch_size: int = 256) -> Tensor:
     """Features of `images` as a float32 CPU tensor (N, F), computed in batches (pixels when features is None)."""
     features = features or PIXELS
+    if isinstance(images, ImageStore):  # chunk by chunk (pixels of a uint8 store: converted, a copy)
+        return torch.cat([features(images.images(slice(a, min(a + batch_size, len(images)))))
+                          for a in range(0, len(images), batch_size)])
     if features.is_pixels:
         return features(images)
     out = []

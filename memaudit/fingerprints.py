@@ -9,7 +9,13 @@ from torch import Tensor, nn
 
 
 def data_fingerprint(data: Tensor) -> str:
-    """sha256 of a tensor's bytes (first 16 hex digits)."""
+    """sha256 of a tensor's bytes (first 16 hex digits); of a uint8 ImageStore, its bytes, dtype and shape."""
+    from memaudit.storage import ImageStore
+
+    if isinstance(data, ImageStore):
+        digest = hashlib.sha256()
+        data.digest_update(digest)
+        return digest.hexdigest()[:16]
     return hashlib.sha256(data.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from memaudit.errors import UserError
+from memaudit.storage import ImageStore
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CANDIDATE_MARGIN = 16  # extra low-precision candidates re-checked in float32
@@ -31,19 +32,35 @@ class TorchIndex:
 
     kind = "torch"
 
-    def __init__(self, points: Tensor, device: str | torch.device = "cpu", dtype: str = "fp32"):
-        if points.ndim < 2 or points.shape[0] == 0:
+    def __init__(self, points: "Tensor | ImageStore", device: str | torch.device = "cpu", dtype: str = "fp32"):
+        if len(points.shape) < 2 or points.shape[0] == 0:
             raise UserError("the neighbour index needs a non-empty set of points")
         if dtype not in DTYPES:
             raise UserError(f"--index torch: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.device = torch.device(device)
-        self.flat = points.detach().reshape(points.shape[0], -1).to(self.device, torch.float32).contiguous()
-        self.num_points, self.dim = self.flat.shape
-        self.sq_norms = (self.flat.double() ** 2).sum(1).float()
+        if isinstance(points, ImageStore) and points.is_bytes:  # read from the uint8 store: no float copy
+            self.store, self.flat = points.to(self.device), None
+        else:
+            points = points.raw if isinstance(points, ImageStore) else points
+            self.store = None
+            self.flat = points.detach().reshape(points.shape[0], -1).to(self.device, torch.float32).contiguous()
+        self.num_points = points.shape[0]
+        self.dim = int(np.prod(points.shape[1:]))
+        self.sq_norms = torch.cat([(self._rows(a, min(a + CHUNK, self.num_points)).double() ** 2).sum(1).float()
+                                   for a in range(0, self.num_points, CHUNK)])
         self.dtype_name = dtype
         self.low = DTYPES[dtype] if dtype != "fp32" else None
+        if self.low is not None and self.flat is None:
+            raise UserError("--index torch:dtype=... needs the training set as float32; this one is held as uint8 "
+                            "(set MEMAUDIT_FLOAT_BUDGET higher, or use --index torch)")
         self.low_points = self.flat.to(self.low) if self.low is not None else None
         self._force_fp32 = False
+
+    def _rows(self, start: int, stop: int) -> Tensor:
+        return self.flat[start:stop] if self.flat is not None else self.store.rows(start, stop)
+
+    def _gather(self, idx: Tensor) -> Tensor:
+        return self.flat[idx] if self.flat is not None else self.store.gather_rows(idx)
 
     @property
     def approximate(self) -> bool:
@@ -74,6 +91,9 @@ class TorchIndex:
         """k nearest points per query: exact distances ascending, shapes (N, k) float32 and (N, k) long, CPU."""
         if not 1 <= k <= self.num_points:
             raise UserError(f"cannot find {k} nearest neighbours among {self.num_points} points")
+        if isinstance(queries, ImageStore):  # e.g. the training set against itself: chunk by chunk
+            parts = [self.search(rows, k, batch_size) for _, _, rows in queries.chunks(CHUNK)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         q = torch.as_tensor(queries).detach().reshape(queries.shape[0], -1).to(self.device, torch.float32)
         if q.shape[1] != self.dim:
             raise UserError(f"query dimension {q.shape[1]} does not match the indexed points' {self.dim}")
@@ -95,10 +115,10 @@ class TorchIndex:
         best_val = torch.empty((q.shape[0], 0), device=self.device)
         best_idx = torch.empty((q.shape[0], 0), dtype=torch.long, device=self.device)
         ql = q.to(self.low) if low else q
-        pts = self.low_points if low else self.flat
         for start in range(0, self.num_points, CHUNK):
             stop = min(start + CHUNK, self.num_points)
-            score = (ql @ pts[start:stop].T).float().mul_(-2).add_(self.sq_norms[start:stop])
+            pts = self.low_points[start:stop] if low else self._rows(start, stop)
+            score = (ql @ pts.T).float().mul_(-2).add_(self.sq_norms[start:stop])
             vals = torch.cat([best_val, score], 1)
             cand = torch.cat([best_idx, torch.arange(start, stop, device=self.device).expand(q.shape[0], -1)], 1)
             best_val, pos = vals.topk(min(c, vals.shape[1]), dim=1, largest=False)
@@ -109,13 +129,13 @@ class TorchIndex:
         """Exact float32 distances ||q - p|| to the candidates (one column at a time), stably sorted, best k."""
         dist = torch.empty(idx.shape, device=self.device)
         for j in range(idx.shape[1]):
-            dist[:, j] = (q.double() - self.flat[idx[:, j]].double()).pow(2).sum(1).sqrt().float()
+            dist[:, j] = (q.double() - self._gather(idx[:, j]).double()).pow(2).sum(1).sqrt().float()
         order = torch.argsort(dist, dim=1, stable=True)[:, :k]
         return dist.gather(1, order), idx.gather(1, order)
 
     def points(self, start: int, stop: int) -> np.ndarray:
         """Indexed points start:stop as a float32 array (a copy)."""
-        return self.flat[start:stop].cpu().numpy().copy()
+        return self._rows(start, stop).cpu().numpy().copy()
 
     def pairs_within(self, queries: np.ndarray, radius: float) -> list[tuple[int, int]]:
         """(query row, point index) pairs with ||q - p|| <= radius, by float32 GEMM with a padded radius, each
@@ -126,10 +146,10 @@ class TorchIndex:
         out: list[tuple[int, int]] = []
         for start in range(0, self.num_points, CHUNK):
             stop = min(start + CHUNK, self.num_points)
-            d2 = (q_sq[:, None].float() - 2 * q @ self.flat[start:stop].T + self.sq_norms[start:stop])
+            d2 = (q_sq[:, None].float() - 2 * q @ self._rows(start, stop).T + self.sq_norms[start:stop])
             rows, cols = torch.nonzero(d2 <= padded, as_tuple=True)
             if len(rows):
-                exact = (q[rows].double() - self.flat[start + cols].double()).pow(2).sum(1).sqrt()
+                exact = (q[rows].double() - self._gather(start + cols).double()).pow(2).sum(1).sqrt()
                 keep = exact <= radius
                 out += list(zip(rows[keep].tolist(), (cols[keep] + start).tolist()))
         return sorted(out)

@@ -546,10 +546,11 @@ def test_19_each_batch_is_written_once(tmp_path, monkeypatch):
 
 def test_20_a_dataset_too_large_for_memory_is_refused_before_loading(capsys, tmp_path, monkeypatch):
     np.savez_compressed(tmp_path / "zeros.npz", images=np.zeros((20000, 256, 256), dtype=np.uint8))
-    monkeypatch.setattr("memaudit.resources.available_memory", lambda: 8 * 1024**3)
+    # 1.2 GiB of bytes: held as uint8 (memaudit.storage) it needs the bytes + the 1 GiB float budget, 2.2 GiB
+    monkeypatch.setattr("memaudit.resources.available_memory", lambda: 1 * 1024**3)
     monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("the array was read"))
-    one_line(*run_cli(capsys, "scan", MODEL, tmp_path / "zeros.npz", *QUICK)[::2], "needs about 14.6 GB",
-             "--limit")
+    one_line(*run_cli(capsys, "scan", MODEL, tmp_path / "zeros.npz", *QUICK)[::2], "needs about 2.2 GB",
+             "held as uint8", "--limit")
 
 
 # ---------------------------------------------------------------------------------------------- messages

@@ -114,7 +114,7 @@ def scan(
     dev = opt.resolve_device(device)
     dataset = load_dataset(data, resize=resize, channels=channels, limit=limit,
                            value_range=parse_value_range(value_range))
-    train = dataset.images
+    train = dataset.data  # a float32 tensor, or a uint8 ImageStore for a large 8-bit set (memaudit.storage)
     if train.shape[0] < 2:
         raise UserError(f"{data} holds {train.shape[0]} image; the NN ratio needs at least 2 training images")
     root = None if dry_run else work_folder(workdir, quiet)

@@ -15,6 +15,7 @@ import numpy as np
 
 from memaudit.duplicates import distinct_second
 from memaudit.features import embed
+from memaudit.storage import ImageStore
 from memaudit.intervals import fraction_fields
 from memaudit.metrics.base import RUN, Column, Metric, RunData, ScanContext
 from memaudit.metrics.nn_ratio import neighbours_needed
@@ -25,7 +26,8 @@ def train_neighbour_distance(ctx: ScanContext) -> np.ndarray:
     """Per training image: distance to its nearest training image of another cluster (cached per scan)."""
     if "train_nn" not in ctx.cache:
         k = min(ctx.index.num_points, neighbours_needed(ctx.duplicates) + 1)
-        dist, idx = ctx.index.search(embed(ctx.train, ctx.features), k)
+        bytes_pixels = isinstance(ctx.train, ImageStore) and ctx.train.is_bytes and ctx.features.is_pixels
+        dist, idx = ctx.index.search(ctx.train if bytes_pixels else embed(ctx.train, ctx.features), k)
         labels = ctx.duplicates.labels if ctx.duplicates is not None else np.arange(ctx.index.num_points)
         ctx.cache["train_nn"] = distinct_second(dist, idx, labels)[0].numpy().astype(np.float64)
     return ctx.cache["train_nn"]

@@ -22,6 +22,7 @@ from memaudit.intervals import fraction_fields
 from memaudit.metrics.base import RUN, Column, Metric, RunData, ScanContext
 from memaudit.metrics.nn_ratio import _ratio, memorized_count
 from memaudit.neighbors import NeighborIndex
+from memaudit.storage import BYTE_SCALE, ImageStore
 from memaudit.numbers import finite, finite_or_none
 
 THRESHOLD = 1.0 / 3.0
@@ -30,6 +31,17 @@ THRESHOLD = 1.0 / 3.0
 def pixels_255(images) -> torch.Tensor:
     """(N, C, H, W) in [-1, 1] -> float32 (N, C*H*W) of the uint8 pixel values."""
     return torch.from_numpy(to_uint8(images).transpose(0, 3, 1, 2).reshape(images.shape[0], -1).astype(np.float32))
+
+
+def byte_index(train) -> tuple:
+    """(index, unit): an index of the training images' uint8 pixel values, and the factor that turns its
+    distances into uint8 units. A uint8 store is searched where it is, in [-1, 1] units (x 127.5: its bytes are
+    those values exactly), instead of a float32 copy of it."""
+    if isinstance(train, ImageStore) and train.is_bytes:
+        from memaudit.torch_index import TorchIndex
+
+        return TorchIndex(train, device=train.device), BYTE_SCALE
+    return NeighborIndex(pixels_255(train)), 1.0
 
 
 class DiffMemorize(Metric):
@@ -45,9 +57,11 @@ class DiffMemorize(Metric):
 
     def compute(self, ctx: ScanContext, run: Optional[RunData] = None) -> dict:
         if "diffmemorize_index" not in ctx.cache:
-            ctx.cache["diffmemorize_index"] = NeighborIndex(pixels_255(ctx.train))
-        index = ctx.cache["diffmemorize_index"]
-        dist, _ = index.search(pixels_255(run.samples), 2)
+            ctx.cache["diffmemorize_index"] = byte_index(ctx.train)
+        index, unit = ctx.cache["diffmemorize_index"]
+        queries = pixels_255(run.samples)
+        dist, _ = index.search(queries / BYTE_SCALE - 1.0 if unit != 1.0 else queries, 2)
+        dist = dist * unit
         scale = math.sqrt(index.dim)
         d1, d2 = dist[:, 0].double() / scale, dist[:, 1].double() / scale
         ratio = _ratio(d1, d2).numpy()

@@ -41,7 +41,7 @@ def topk_entropy(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tensor | float,
                  labels: Optional[Tensor] = None) -> Tensor:
     """H(x) = -sum_{j<=k} w_j log w_j, w = softmax of the top-k logits -||x - x_i||^2 / (2 sigma^2 T), members
     of one near-duplicate cluster (same `labels`) summed; (B,) nats."""
-    device = empirical.points.device
+    device = empirical.points_device
     sigma = sigma.to(device) if isinstance(sigma, Tensor) else sigma
     with torch.no_grad():
         top = empirical.topk(x.to(device), sigma, k)

@@ -24,6 +24,7 @@ from memaudit.numbers import finite_or_none, fmt
 
 FID_MODES = ("auto", "clean-fid", "proxy", "off")
 MAX_PCA_FIT = 5000
+PROJECT_ROWS = 4096  # training images projected at a time (a float64 copy of all of them would be 2x the set)
 
 
 @dataclass
@@ -80,9 +81,10 @@ def pca_basis(train: Tensor, dims: int = 64, max_fit: int = MAX_PCA_FIT) -> tupl
     """Training mean and the top min(dims, M-1, d, rank) principal directions (d, r), float64; fitted on at most
     max_fit evenly spaced training images (directions with a variance below 1e-10 of the largest are dropped:
     duplicated images give a rank-deficient set)."""
-    flat = train.reshape(train.shape[0], -1).double()
-    if flat.shape[0] > max_fit:
-        flat = flat[torch.linspace(0, flat.shape[0] - 1, max_fit, device=flat.device).round().long()]
+    rows = (torch.linspace(0, train.shape[0] - 1, max_fit).round().long() if train.shape[0] > max_fit
+            else slice(None))
+    flat = train[rows]
+    flat = flat.reshape(flat.shape[0], -1).double()
     mean = flat.mean(0)
     xc = flat - mean
     gram = xc.shape[1] > xc.shape[0]  # Gram trick: eigenvectors of Xc Xc^T mapped back through Xc^T
@@ -103,7 +105,7 @@ def fid_proxy(samples: Tensor, train: Tensor, dims: int = 64) -> float:
     mean, basis = pca_basis(train, dims)
     project = lambda x: (x.reshape(x.shape[0], -1).to(basis.device, torch.float64) - mean) @ basis  # noqa: E731
     mu1, c1 = _gaussian(project(samples))
-    mu2, c2 = _gaussian(project(train))
+    mu2, c2 = _gaussian(torch.cat([project(train[a:a + PROJECT_ROWS]) for a in range(0, train.shape[0], PROJECT_ROWS)]))
     return frechet_distance(mu1, c1, mu2, c2)
 
 
@@ -164,7 +166,7 @@ class FID(Metric):
         if ctx.config.fid == "off":
             return None
         first = ctx.runs[next(iter(ctx.runs))].samples
-        return [asdict(r) for r in compute_fid(first, ctx.train.cpu(), ctx.config.device, mode=ctx.config.fid)]
+        return [asdict(r) for r in compute_fid(first, ctx.train.to("cpu"), ctx.config.device, mode=ctx.config.fid)]
 
     def cost(self, w, sampler=None):
         """The proxy, in float64 (counted twice): the PCA fit on min(M, 5000) images (covariance or Gram matrix and

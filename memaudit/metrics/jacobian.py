@@ -89,7 +89,7 @@ def empirical_jacobian_norm(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tens
     """||dD*/dx||_2 = largest eigenvalue of Cov_w(x_i) / (sigma^2 T): power iteration v <- J v / ||J v||; (B,).
     Amortised: where a few points carry the weight (memaudit.empirical_support), one pass over the training set
     finds them and the iterations run on them, centred (exactly 0 for one point); elsewhere each iteration streams."""
-    x = x.detach().to(empirical.points.device)
+    x = x.detach().to(empirical.points_device)
     sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else sigma
     v = _start_vector(x, generator)
     with torch.no_grad():

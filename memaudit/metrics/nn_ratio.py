@@ -23,6 +23,7 @@ from memaudit.metrics.base import (RUN, Column, Histogram, Metric, Note, PairGri
                                    sampler_key)
 from memaudit.indexes import build_index
 from memaudit.neighbors import NeighborIndex
+from memaudit.storage import ImageStore
 from memaudit.numbers import finite, finite_or_none, floats, fmt
 
 NN_RATIO_THRESHOLD = 1.0 / 3.0
@@ -51,7 +52,23 @@ def training_index(train: Tensor, features: Optional[FeatureSpace] = None, batch
     across nn_ratios calls."""
     if train.shape[0] < 2:
         raise UserError("the NN ratio needs at least 2 training images")
+    if isinstance(train, ImageStore) and train.is_bytes and (features is None or features.is_pixels):
+        return bytes_index(train, index)
     return build_index(embed(train, features, batch_size), index)
+
+
+def bytes_index(train: ImageStore, index: str) -> NeighborIndex:
+    """The exact index of a uint8 training store: torch GEMMs over its chunks (no float copy); the indexes that
+    would copy it (faiss exact, IVF) are refused with what to do."""
+    from memaudit.indexes import parse_index
+    from memaudit.torch_index import TorchIndex
+
+    name, options = parse_index(index)
+    if name == "exact" or (name == "torch" and options.get("dtype", "fp32") == "fp32"):
+        return TorchIndex(train, device=train.device)
+    raise UserError(f"--index {index} copies the training set as float32, and this one is held as uint8 to fit "
+                    f"in memory ({train.nbytes / 2**30:.2f} GiB as bytes): use --index exact, or raise "
+                    "MEMAUDIT_FLOAT_BUDGET (bytes) if the float32 copy fits")
 
 
 def neighbours_needed(duplicates: Optional[Duplicates]) -> int:

@@ -26,6 +26,7 @@ from memaudit.intervals import fraction_fields
 from memaudit.metrics.base import RUN, Column, Metric, Note, PairGrid, RunData, ScanContext
 from memaudit.metrics.nn_ratio import WORST_PAIRS, memorized_count, neighbours_needed
 from memaudit.neighbors import NeighborIndex
+from memaudit.storage import ImageStore
 from memaudit.numbers import finite, finite_or_none, fmt
 
 KEY = "tiled_memorized_fraction"
@@ -60,8 +61,18 @@ def tile_indexes(ctx: ScanContext, grid: int) -> list[NeighborIndex]:
     """One neighbour index per tile position of the training images (built once per scan)."""
     key = ("tiled_l2", grid)
     if key not in ctx.cache:
-        ctx.cache[key] = [NeighborIndex(t) for t in tiles(ctx.train.detach().cpu().float(), grid)]
+        ctx.cache[key] = (tile_stores(ctx.train, grid) if isinstance(ctx.train, ImageStore) and ctx.train.is_bytes
+                          else [NeighborIndex(t) for t in tiles(ctx.train.detach().cpu().float(), grid)])
     return ctx.cache[key]
+
+
+def tile_stores(train: ImageStore, grid: int) -> list:
+    """Per tile position, an exact index over that tile of a uint8 store (a view of its bytes: no copy)."""
+    from memaudit.torch_index import TorchIndex
+
+    h, w = train.shape[-2:]
+    return [TorchIndex(ImageStore(train.raw[:, :, y0:y1, x0:x1]), device=train.device)
+            for y0, y1 in tile_bounds(h, grid) for x0, x1 in tile_bounds(w, grid)]
 
 
 def tile_ratios(samples: Tensor, indexes: list[NeighborIndex], grid: int, labels: np.ndarray,
@@ -101,7 +112,7 @@ class TiledL2(Metric):
         rows = torch.arange(len(samples))
         score = ratio[rows, best].numpy()
         train_nn = run.neighbours(ctx, 1)[1][:, 0]
-        carlini = carlini_tiled_l2(samples, ctx.train.detach().cpu().float()[train_nn], grid).numpy()
+        carlini = carlini_tiled_l2(samples, ctx.train[train_nn].detach().cpu().float(), grid).numpy()
         threshold = float(ctx.config.threshold)
         n = len(score)
         order = sorted(range(n), key=lambda i: (score[i] if np.isfinite(score[i]) else -1.0, i))

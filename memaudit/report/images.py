@@ -97,7 +97,7 @@ def pairs_grid(samples: Tensor, train: Tensor, sample_indices: Sequence[int], ne
         raise ValueError(f"pairs_grid: sample size {tuple(samples.shape[-2:])} differs from training image "
                          f"size {tuple(train.shape[-2:])}")
     left = samples.detach().cpu().float()[torch.as_tensor(sample_indices, dtype=torch.long)]
-    right = train.detach().cpu().float()[torch.as_tensor(nearest_indices, dtype=torch.long)]
+    right = train[torch.as_tensor(nearest_indices, dtype=torch.long)].detach().cpu().float()  # (a store too)
     left, right = _match_channels(left, right)
     interleaved = torch.stack([left, right], dim=1).reshape(-1, *left.shape[1:])
     if upscale is None:

@@ -1,0 +1,127 @@
+"""One copy of the training set, read chunk by chunk as float32: x = u / 127.5 - 1 for 8-bit images kept as uint8.
+
+A scan reads the training images through an ImageStore: the empirical denoiser's GEMMs, the neighbour search
+(memaudit.torch_index) and the metrics' gathers all take float32 rows from it, so no second copy is made.  A set
+whose float32 copy fits in the float budget (MEMAUDIT_FLOAT_BUDGET bytes, 1 GiB by default, halved: the
+neighbour index takes one more) is held as float32, as it always was; a larger 8-bit set stays uint8 (4x
+smaller, e.g. a memory-mapped .npy) and each chunk is converted when read, with the same float32 operations the
+loader uses, so its values are bit-identical to the float32 copy's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DEFAULT_FLOAT_BUDGET = 1 << 30
+BYTE_SCALE = 127.5  # x = u / 127.5 - 1: memaudit.data's reading of uint8 [0, 255]
+
+
+def float_budget() -> int:
+    """Bytes a scan may spend on float32 copies of the training set (MEMAUDIT_FLOAT_BUDGET, default 1 GiB)."""
+    try:
+        return max(0, int(float(os.environ.get("MEMAUDIT_FLOAT_BUDGET", DEFAULT_FLOAT_BUDGET))))
+    except ValueError:
+        return DEFAULT_FLOAT_BUDGET
+
+
+class ImageStore:
+    """Training images (N, C, H, W): float32 in [-1, 1], or uint8 bytes u read as u / 127.5 - 1."""
+
+    def __init__(self, raw: Tensor):
+        if raw.dtype not in (torch.uint8, torch.float32) or raw.ndim != 4:
+            raise ValueError("an ImageStore holds (N, C, H, W) uint8 or float32 images")
+        self.raw = raw
+
+    @classmethod
+    def of(cls, images: "Tensor | ImageStore") -> "ImageStore":
+        """A store over float images (no copy when they are float32), or the store itself."""
+        return images if isinstance(images, ImageStore) else cls(images.float())
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.raw.dtype == torch.uint8
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.raw.shape
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.raw.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.raw.shape[1:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel() * self.raw.element_size()
+
+    def __len__(self) -> int:
+        return self.raw.shape[0]
+
+    def to(self, device) -> "ImageStore":
+        return ImageStore(self.raw.to(device))
+
+    def _float(self, raw: Tensor) -> Tensor:
+        """float32 values of a slice of raw (a view when raw is float32)."""
+        if not self.is_bytes:
+            return raw
+        return raw.to(torch.float32).div_(BYTE_SCALE).sub_(1.0)
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Images start:stop flattened to float32 rows (stop - start, d)."""
+        block = self.raw[start:stop]
+        return self._float(block.reshape(block.shape[0], -1) if block.is_contiguous() else
+                           block.contiguous().reshape(block.shape[0], -1))
+
+    def images(self, idx) -> Tensor:
+        """float32 images (k, C, H, W) at the indices idx (a tensor, list or slice)."""
+        if isinstance(idx, Tensor):
+            idx = idx.to(self.raw.device)
+        return self._float(self.raw[idx].contiguous())
+
+    def __getitem__(self, idx) -> Tensor:
+        """float32 images at an index, slice or index tensor (what code written for a float tensor asks)."""
+        if isinstance(idx, int):
+            return self.images(slice(idx, idx + 1))[0]
+        return self.images(idx)
+
+    def gather_rows(self, idx: Tensor) -> Tensor:
+        """float32 rows at indices of any shape: idx.shape + (d,)."""
+        flat = self.images(idx.reshape(-1))
+        return flat.reshape(*idx.shape, -1)
+
+    def chunks(self, size: int) -> Iterator[tuple[int, int, Tensor]]:
+        for start in range(0, len(self), size):
+            stop = min(start + size, len(self))
+            yield start, stop, self.rows(start, stop)
+
+    def sq_norms(self, size: int = 4096) -> Tensor:
+        """||x_i||^2 per image (N,), float32, summed in float64 chunk by chunk."""
+        return torch.cat([(rows.double() ** 2).sum(1).float() for _, _, rows in self.chunks(size)])
+
+    def digest_update(self, digest) -> None:
+        """Feed the stored bytes (with dtype and shape) to a hashlib digest, chunk by chunk."""
+        digest.update(f"{self.raw.dtype}:{tuple(self.raw.shape)};".encode())
+        for start in range(0, len(self), 4096):
+            digest.update(self.raw[start:start + 4096].contiguous().cpu().numpy().tobytes())
+
+    def float(self) -> Tensor:
+        """All images as one float32 tensor (a copy for a uint8 store: only for small sets)."""
+        return self._float(self.raw.contiguous()) if self.is_bytes else self.raw
+
+
+def keep_as_bytes(array: np.ndarray, nchw_shape, budget: Optional[int] = None) -> bool:
+    """Whether an 8-bit array stays uint8: its float32 copy (plus the neighbour index's) exceeds the budget."""
+    budget = float_budget() if budget is None else budget
+    return array.dtype == np.uint8 and 2 * 4 * int(np.prod(nchw_shape)) > budget

@@ -1,0 +1,79 @@
+"""A large 8-bit training set stays uint8 (memaudit.storage): the same numbers as its float32 copy, one copy."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memaudit.data import load_dataset
+from memaudit.empirical import EmpiricalDenoiser
+from memaudit.errors import UserError
+from memaudit.metrics.nn_ratio import training_index
+from memaudit.storage import ImageStore
+from memaudit.torch_index import TorchIndex
+
+from tests.cli_helpers import run_cli
+
+
+@pytest.fixture
+def u8(tmp_path):
+    path = tmp_path / "u8.npy"
+    np.save(path, np.random.default_rng(3).integers(0, 256, (600, 8, 8, 3), dtype=np.uint8))  # NHWC
+    return path
+
+
+def test_a_set_over_the_float_budget_stays_uint8_with_bit_identical_values(u8, monkeypatch):
+    floats = load_dataset(u8).data
+    monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", "1000")
+    store = load_dataset(u8).data
+    assert isinstance(store, ImageStore) and store.is_bytes and store.shape == floats.shape
+    reference = (np.load(u8).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)  # the loader's own reading
+    assert torch.equal(store.float(), torch.from_numpy(reference)) and torch.equal(floats, store.float())
+    assert torch.equal(store.rows(10, 20), floats[10:20].reshape(10, -1))
+    assert torch.equal(store[torch.tensor([5, 1])], floats[[5, 1]]) and torch.equal(store[3], floats[3])
+    limited = load_dataset(u8, limit=50).data
+    assert len(limited) == 50 and torch.equal(limited.float(), floats[:50])
+
+
+def test_the_empirical_denoiser_over_bytes_equals_it_over_floats(u8, monkeypatch):
+    floats = load_dataset(u8).data
+    monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", "1000")
+    store = load_dataset(u8).data
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for kwargs in ({}, {"k": 8}, {"k": 8, "tail": 32}, {"temperature": 2.0, "bandwidth": 0.3}):
+        a, b = EmpiricalDenoiser(store, chunk_size=128, **kwargs), EmpiricalDenoiser(floats, chunk_size=128, **kwargs)
+        assert a.points is None  # no float copy kept
+        for sigma in (0.05, 1.0, 30.0):
+            assert torch.equal(a(x, sigma), b(x, sigma))
+            assert torch.equal(a.jvp(x, sigma, x), b.jvp(x, sigma, x))
+
+
+def test_the_bytes_index_is_exact_and_refuses_copying_indexes(u8, monkeypatch):
+    monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", "1000")
+    store = load_dataset(u8).data
+    index = training_index(store)
+    assert isinstance(index, TorchIndex) and index.flat is None
+    queries = torch.rand(20, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    dist, idx = index.search(queries, 3)
+    points = store.float().reshape(600, -1).double()
+    ref = ((queries.reshape(20, 1, -1).double() - points[None]) ** 2).sum(-1).sqrt().sort(1)
+    np.testing.assert_allclose(dist.numpy(), ref.values[:, :3].numpy(), rtol=1e-6)
+    assert torch.equal(idx, ref.indices[:, :3])
+    with pytest.raises(UserError, match="MEMAUDIT_FLOAT_BUDGET"):
+        training_index(store, index="ivf")
+
+
+def test_a_scan_of_a_uint8_store_writes_the_float_scans_report(u8, capsys, tmp_path, monkeypatch):
+    """Every metric (NN ratio, DiffMemorize, tiles, authenticity, entropy, cosines, Jacobian, FID proxy): the
+    same JSON report, byte for byte, whether the set is held as float32 or as uint8 bytes."""
+    reports = {}
+    for budget in (str(1 << 30), "1000"):
+        monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", budget)
+        out = tmp_path / f"{budget}.json"
+        code, _, _ = run_cli(capsys, "scan", "empirical:T=2", u8, "--samples", "12", "--steps", "6",
+                             "--quiet", "--json", out, "--workdir", tmp_path / budget)
+        assert code == 0
+        reports[budget] = out.read_bytes()
+    assert reports[str(1 << 30)] == reports["1000"]
+    assert json.loads(reports["1000"])["data"]["value_range"] == "uint8 [0, 255]"
