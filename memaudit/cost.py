@@ -58,6 +58,7 @@ class Workload:
     empirical_model: bool
     holdout: int = 0
     match_transforms: int = 1
+    bytes_per_value: int = 4  # 1 when the training set stays uint8 (memaudit.storage): no float copy, no index copy
     extra: dict = field(default_factory=dict)
 
     def search_rows(self, rows: float, k: int = 2) -> Work:
@@ -112,15 +113,17 @@ def _repeat(fn) -> float:
     return best
 
 
-def gemm_rate(rows: int, dim: int, cols: int, device: torch.device) -> float:
-    """FLOP/s of one (rows, dim) x (dim, cols) float32 GEMM on `device`, as the empirical denoiser runs it."""
+def gemm_rate(rows: int, dim: int, cols: int, device: torch.device, from_bytes: bool = False) -> float:
+    """FLOP/s of one (rows, dim) x (dim, cols) float32 GEMM on `device`, as the empirical denoiser runs it;
+    from_bytes: with the uint8 -> float32 conversion of the (cols, dim) chunk (memaudit.storage) in the time."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(rows, dim, generator=gen).to(device)
     b = torch.randn(cols, dim, generator=gen).to(device)
+    raw = torch.randint(0, 256, (cols, dim), dtype=torch.uint8, generator=gen).to(device)
     bias = torch.randn(cols, generator=gen).to(device)
 
     def run():
-        torch.addmm(bias, a, b.T)
+        torch.addmm(bias, a, (raw.to(torch.float32).div_(127.5).sub_(1.0) if from_bytes else b).T)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -155,7 +158,8 @@ def model_rates(model, image_shape: Sequence[int], rows: int, device: torch.devi
 def measure_rates(workload: Workload, model, image_shape, device: torch.device) -> Rates:
     """The machine's GEMM rate at the scan's shapes and, for a network, its per-row costs."""
     rows = max(1, min(workload.batch_size, workload.num_samples, 256))
-    gemm = gemm_rate(rows, workload.dim, max(1, min(workload.num_train, CHUNK)), device)
+    gemm = gemm_rate(rows, workload.dim, max(1, min(workload.num_train, CHUNK)), device,
+                     from_bytes=workload.bytes_per_value == 1)
     eigh = eigh_rate(min(workload.dim, workload.num_train), device)
     if workload.empirical_model:
         return Rates(gemm, eigh)
@@ -166,9 +170,9 @@ def measure_rates(workload: Workload, model, image_shape, device: torch.device) 
 
 
 def resident_bytes(w: Workload) -> float:
-    """What a scan holds throughout: the training set (float32) and its neighbour index, every run's samples,
-    the recorded trajectories (x and D(x) per step)."""
-    train = 4.0 * w.num_train * w.dim
+    """What a scan holds throughout: the training set (float32 with its faiss index, or uint8 bytes searched where
+    they are), every run's samples, the recorded trajectories (x and D(x) per step)."""
+    train = (4.0 if w.bytes_per_value == 4 else 0.5) * w.num_train * w.dim
     samples = 4.0 * w.num_samples * w.dim * len(w.samplers)
     trajectories = 2 * 4.0 * w.record * w.steps * w.dim * len(w.samplers)
     return 2 * train + samples + trajectories

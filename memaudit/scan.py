@@ -337,6 +337,7 @@ def dry_run(model: Denoiser, train: Tensor, config: ScanConfig, holdout: Optiona
         batch_size=config.batch_size, empirical_model=isinstance(model, EmpiricalDenoiser),
         holdout=int(holdout.shape[0]) if holdout is not None else 0,
         match_transforms=(2 if config.match_flips else 1) * (2 * config.match_shifts + 1) ** 2,
+        bytes_per_value=1 if getattr(train, "is_bytes", False) else 4,
         extra={"sigmas": metric_sigmas(model, config.metric_sigmas), "approximate": is_approximate(config.index)})
     rates = cost.measure_rates(workload, model, tuple(train.shape[1:]), torch.device(config.device))
     phases = cost.plan(workload, rates, METRICS, config.computes)
