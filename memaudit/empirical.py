@@ -102,9 +102,16 @@ class EmpiricalDenoiser(Denoiser):
     def points_device(self) -> torch.device:
         return self.store.device if self.points is None else self.points.device
 
-    def rows(self, start: int, stop: int) -> Tensor:
-        """Training rows start:stop as float (d,) vectors: a view, or converted from the uint8 store."""
-        return self.store.rows(start, stop) if self.points is None else self.points[start:stop]
+    def rows(self, start: int, stop: int, reuse: bool = False) -> Tensor:
+        """Training rows start:stop as float (d,) vectors: a view, or converted from the uint8 store (reuse: into
+        one buffer, overwritten by the next call: only where nothing keeps the rows, e.g. for autograd)."""
+        if self.points is not None:
+            return self.points[start:stop]
+        if not reuse:
+            return self.store.rows(start, stop)
+        if getattr(self, "_buffer", None) is None or self._buffer.shape[0] < stop - start:
+            self._buffer = self.store.buffer(self.chunk_size)
+        return self.store.rows(start, stop, out=self._buffer)
 
     def gather(self, idx: Tensor) -> Tensor:
         """Training rows at indices of any shape: idx.shape + (d,)."""
@@ -121,7 +128,8 @@ class EmpiricalDenoiser(Denoiser):
 
     def chunk_logits(self, xf: Tensor, start: int, stop: int, inv: Tensor) -> Tensor:
         """Logits -(||x_i||^2 - 2 x.x_i) / (2 sigma^2 T) for training rows start:stop, shape (B, stop-start)."""
-        return torch.addmm(self.neg_sq_norms[start:stop], xf, self.rows(start, stop).T, alpha=2.0) * inv
+        reuse = not (torch.is_grad_enabled() and xf.requires_grad)
+        return torch.addmm(self.neg_sq_norms[start:stop], xf, self.rows(start, stop, reuse).T, alpha=2.0) * inv
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         xf = x.reshape(x.shape[0], -1).to(self.dtype)
@@ -139,7 +147,7 @@ class EmpiricalDenoiser(Denoiser):
         inplace = not (torch.is_grad_enabled() and xf.requires_grad)  # in-place updates break autograd
         for start in range(0, self.num_points, self.chunk_size):
             stop = min(start + self.chunk_size, self.num_points)
-            pts = self.rows(start, stop)
+            pts = self.rows(start, stop, reuse=inplace)
             logits = torch.addmm(self.neg_sq_norms[start:stop], xf, pts.T, alpha=2.0) * inv
             new_max = torch.maximum(run_max, logits.amax(1, keepdim=True))
             rescale = torch.exp(run_max - new_max)

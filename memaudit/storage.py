@@ -72,17 +72,28 @@ class ImageStore:
     def to(self, device) -> "ImageStore":
         return ImageStore(self.raw.to(device))
 
-    def _float(self, raw: Tensor) -> Tensor:
-        """float32 values of a slice of raw (a view when raw is float32)."""
+    def _float(self, raw: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """float32 values of a slice of raw (a view when raw is float32); into `out` when given (a float32
+        buffer of at least raw's size, reused: a fresh 50 MB tensor per chunk costs more in page faults than
+        the conversion itself)."""
         if not self.is_bytes:
             return raw
-        return raw.to(torch.float32).div_(BYTE_SCALE).sub_(1.0)
+        if out is None:
+            return raw.to(torch.float32).div_(BYTE_SCALE).sub_(1.0)
+        view = out.reshape(-1)[:raw.numel()].reshape(raw.shape)
+        return view.copy_(raw).div_(BYTE_SCALE).sub_(1.0)
 
-    def rows(self, start: int, stop: int) -> Tensor:
-        """Images start:stop flattened to float32 rows (stop - start, d)."""
+    def rows(self, start: int, stop: int, out: Optional[Tensor] = None) -> Tensor:
+        """Images start:stop flattened to float32 rows (stop - start, d); `out`: a reusable buffer (the caller
+        must be done with the previous rows written there)."""
         block = self.raw[start:stop]
-        return self._float(block.reshape(block.shape[0], -1) if block.is_contiguous() else
-                           block.contiguous().reshape(block.shape[0], -1))
+        flat = block.reshape(block.shape[0], -1) if block.is_contiguous() else \
+            block.contiguous().reshape(block.shape[0], -1)
+        return self._float(flat, out)
+
+    def buffer(self, rows: int) -> Optional[Tensor]:
+        """A float32 buffer for `rows` rows (None for a float32 store, whose rows are views)."""
+        return torch.empty((rows, self.dim), dtype=torch.float32, device=self.device) if self.is_bytes else None
 
     def images(self, idx) -> Tensor:
         """float32 images (k, C, H, W) at the indices idx (a tensor, list or slice)."""

@@ -56,8 +56,15 @@ class TorchIndex:
         self.low_points = self.flat.to(self.low) if self.low is not None else None
         self._force_fp32 = False
 
-    def _rows(self, start: int, stop: int) -> Tensor:
-        return self.flat[start:stop] if self.flat is not None else self.store.rows(start, stop)
+    def _rows(self, start: int, stop: int, reuse: bool = False) -> Tensor:
+        """Rows start:stop (reuse: converted into one buffer that the next call overwrites)."""
+        if self.flat is not None:
+            return self.flat[start:stop]
+        if not reuse:
+            return self.store.rows(start, stop)
+        if getattr(self, "_buffer", None) is None:
+            self._buffer = self.store.buffer(CHUNK)
+        return self.store.rows(start, stop, out=self._buffer)
 
     def _gather(self, idx: Tensor) -> Tensor:
         return self.flat[idx] if self.flat is not None else self.store.gather_rows(idx)
@@ -117,7 +124,7 @@ class TorchIndex:
         ql = q.to(self.low) if low else q
         for start in range(0, self.num_points, CHUNK):
             stop = min(start + CHUNK, self.num_points)
-            pts = self.low_points[start:stop] if low else self._rows(start, stop)
+            pts = self.low_points[start:stop] if low else self._rows(start, stop, reuse=True)
             score = (ql @ pts.T).float().mul_(-2).add_(self.sq_norms[start:stop])
             vals = torch.cat([best_val, score], 1)
             cand = torch.cat([best_idx, torch.arange(start, stop, device=self.device).expand(q.shape[0], -1)], 1)
@@ -146,7 +153,7 @@ class TorchIndex:
         out: list[tuple[int, int]] = []
         for start in range(0, self.num_points, CHUNK):
             stop = min(start + CHUNK, self.num_points)
-            d2 = (q_sq[:, None].float() - 2 * q @ self._rows(start, stop).T + self.sq_norms[start:stop])
+            d2 = (q_sq[:, None].float() - 2 * q @ self._rows(start, stop, reuse=True).T + self.sq_norms[start:stop])
             rows, cols = torch.nonzero(d2 <= padded, as_tuple=True)
             if len(rows):
                 exact = (q[rows].double() - self._gather(start + cols).double()).pow(2).sum(1).sqrt()
