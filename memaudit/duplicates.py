@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from memaudit.neighbors import NeighborIndex
+from memaudit.storage import rows_per_chunk
 
 DEFAULT_TOLERANCE = 0.05
-QUERY_ROWS = 4096
+QUERY_ROWS = 4096  # at most; fewer for large images (memaudit.storage.rows_per_chunk)
 
 
 @dataclass
@@ -55,8 +56,9 @@ class Duplicates:
 def rms_pair_distance(index: NeighborIndex) -> float:
     """sqrt(E ||a - b||^2) over two independent random training points = sqrt(2 tr Cov), in float64."""
     total, sq = np.zeros(index.dim), np.zeros(index.dim)
-    for start in range(0, index.num_points, QUERY_ROWS):
-        block = index.points(start, min(start + QUERY_ROWS, index.num_points)).astype(np.float64)
+    rows = rows_per_chunk(index.dim, QUERY_ROWS, 8)
+    for start in range(0, index.num_points, rows):
+        block = index.points(start, min(start + rows, index.num_points)).astype(np.float64)
         total += block.sum(0)
         sq += (block * block).sum(0)
     mean = total / index.num_points
@@ -90,8 +92,9 @@ def find_duplicates(index: NeighborIndex, tolerance: float = DEFAULT_TOLERANCE) 
     """
     radius = float(tolerance) * rms_pair_distance(index)
     uf = _UnionFind(index.num_points)
-    for start in range(0, index.num_points, QUERY_ROWS):
-        queries = index.points(start, min(start + QUERY_ROWS, index.num_points))
+    rows = rows_per_chunk(index.dim, QUERY_ROWS)
+    for start in range(0, index.num_points, rows):
+        queries = index.points(start, min(start + rows, index.num_points))
         for i, j in index.pairs_within(queries, radius):
             if start + i != j:
                 uf.union(start + i, int(j))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from memaudit.denoiser import Denoiser, as_sigma
 from memaudit.errors import UserError
-from memaudit.storage import ImageStore
+from memaudit.storage import ImageStore, rows_per_chunk
 
 DEFAULT_CHUNK = 4096
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6  # beyond these sigma^2 T under- or overflows float32
@@ -66,7 +66,7 @@ class EmpiricalDenoiser(Denoiser):
         self.image_shape = tuple(train.shape[1:])
         self.temperature = float(temperature)
         self.k = None if k is None else min(int(k), train.shape[0])
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = rows_per_chunk(int(math.prod(train.shape[1:])), int(chunk_size))
         if isinstance(train, ImageStore) and not train.is_bytes:
             train = train.raw
         self.store = train if isinstance(train, ImageStore) else None

@@ -20,15 +20,16 @@ from torch import Tensor
 from memaudit.denoiser import as_sigma
 
 DEFAULT_TOLERANCE = 1e-7  # the largest share of the softmax weight the support may leave out (proven bound)
-DEFAULT_BUDGET = 256 * 2**20  # bytes the gathered support points (B, S, d) may take
+DEFAULT_BUDGET = 64 * 2**20  # bytes the gathered support points (B, S, d) may take
 
 
 @dataclass
 class Support:
-    """Weights (B, S), their points (B, S, d), and the softmax variance v (B, 1) of each row."""
+    """Weights (B, S), their points centred on their weighted mean D, x_i - D (B, S, d), and the softmax
+    variance v (B, 1) of each row."""
 
     weights: Tensor
-    points: Tensor
+    centred: Tensor
     variance: Tensor
 
     @property
@@ -37,9 +38,8 @@ class Support:
 
     def jvp(self, v: Tensor) -> Tensor:
         """J v = sum_i w_i c_i (c_i . v) / var with c_i = x_i - D, the centred covariance times v; v (B, ...)."""
-        vf = v.reshape(v.shape[0], -1).to(self.points.dtype)
-        centred = self.points - torch.einsum("bs,bsd->bd", self.weights, self.points)[:, None, :]
-        jv = torch.einsum("bs,bsd->bd", self.weights * torch.einsum("bsd,bd->bs", centred, vf), centred)
+        vf = v.reshape(v.shape[0], -1).to(self.centred.dtype)
+        jv = torch.einsum("bs,bsd->bd", self.weights * torch.einsum("bsd,bd->bs", self.centred, vf), self.centred)
         return (jv / self.variance).reshape(v.shape).to(v.dtype)
 
 
@@ -74,4 +74,6 @@ def find_support(empirical, x: Tensor, sigma: Tensor | float, tol: float = DEFAU
         return None
     idx = top.indices[:, :size]
     logits = empirical.logits_at(xf, sigma, idx)  # exact distances on the support
-    return Support(torch.softmax(logits, 1), empirical.gather(idx), empirical.variance(xf, sigma))
+    weights, points = torch.softmax(logits, 1), empirical.gather(idx)
+    points -= torch.einsum("bs,bsd->bd", weights, points)[:, None, :]  # centred once, in place
+    return Support(weights, points, empirical.variance(xf, sigma))

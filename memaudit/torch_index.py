@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from memaudit.errors import UserError
-from memaudit.storage import ImageStore
+from memaudit.storage import ImageStore, rows_per_chunk
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CANDIDATE_MARGIN = 16  # extra low-precision candidates re-checked in float32
@@ -46,8 +46,9 @@ class TorchIndex:
             self.flat = points.detach().reshape(points.shape[0], -1).to(self.device, torch.float32).contiguous()
         self.num_points = points.shape[0]
         self.dim = int(np.prod(points.shape[1:]))
-        self.sq_norms = torch.cat([(self._rows(a, min(a + CHUNK, self.num_points)).double() ** 2).sum(1).float()
-                                   for a in range(0, self.num_points, CHUNK)])
+        self.chunk = rows_per_chunk(self.dim, CHUNK)
+        self.sq_norms = torch.cat([(self._rows(a, min(a + self.chunk, self.num_points)).double() ** 2).sum(1).float()
+                                   for a in range(0, self.num_points, self.chunk)])
         self.dtype_name = dtype
         self.low = DTYPES[dtype] if dtype != "fp32" else None
         if self.low is not None and self.flat is None:
@@ -63,7 +64,7 @@ class TorchIndex:
         if not reuse:
             return self.store.rows(start, stop)
         if getattr(self, "_buffer", None) is None:
-            self._buffer = self.store.buffer(CHUNK)
+            self._buffer = self.store.buffer(self.chunk)
         return self.store.rows(start, stop, out=self._buffer)
 
     def _gather(self, idx: Tensor) -> Tensor:
@@ -92,14 +93,14 @@ class TorchIndex:
             free, _ = torch.cuda.mem_get_info(self.device)
         else:
             free = 1 << 30
-        return int(max(1, min(4096, MEMORY_SHARE * free // (4 * 3 * min(CHUNK, self.num_points)))))
+        return int(max(1, min(4096, MEMORY_SHARE * free // (4 * 3 * min(self.chunk, self.num_points)))))
 
     def search(self, queries: Tensor, k: int, batch_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """k nearest points per query: exact distances ascending, shapes (N, k) float32 and (N, k) long, CPU."""
         if not 1 <= k <= self.num_points:
             raise UserError(f"cannot find {k} nearest neighbours among {self.num_points} points")
         if isinstance(queries, ImageStore):  # e.g. the training set against itself: chunk by chunk
-            parts = [self.search(rows, k, batch_size) for _, _, rows in queries.chunks(CHUNK)]
+            parts = [self.search(rows, k, batch_size) for _, _, rows in queries.chunks(self.chunk)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         q = torch.as_tensor(queries).detach().reshape(queries.shape[0], -1).to(self.device, torch.float32)
         if q.shape[1] != self.dim:
@@ -122,8 +123,8 @@ class TorchIndex:
         best_val = torch.empty((q.shape[0], 0), device=self.device)
         best_idx = torch.empty((q.shape[0], 0), dtype=torch.long, device=self.device)
         ql = q.to(self.low) if low else q
-        for start in range(0, self.num_points, CHUNK):
-            stop = min(start + CHUNK, self.num_points)
+        for start in range(0, self.num_points, self.chunk):
+            stop = min(start + self.chunk, self.num_points)
             pts = self.low_points[start:stop] if low else self._rows(start, stop, reuse=True)
             score = (ql @ pts.T).float().mul_(-2).add_(self.sq_norms[start:stop])
             vals = torch.cat([best_val, score], 1)
@@ -151,8 +152,8 @@ class TorchIndex:
         q_sq = (q.double() ** 2).sum(1)
         padded = radius * radius * 1.02 + 1e-5 * (1.0 + float(q_sq.max()) if len(q_sq) else 1.0)
         out: list[tuple[int, int]] = []
-        for start in range(0, self.num_points, CHUNK):
-            stop = min(start + CHUNK, self.num_points)
+        for start in range(0, self.num_points, self.chunk):
+            stop = min(start + self.chunk, self.num_points)
             d2 = (q_sq[:, None].float() - 2 * q @ self._rows(start, stop, reuse=True).T + self.sq_norms[start:stop])
             rows, cols = torch.nonzero(d2 <= padded, as_tuple=True)
             if len(rows):

@@ -8,6 +8,7 @@ numbers; use it only to compare runs on the same training set.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -18,12 +19,14 @@ from torch import Tensor
 
 from memaudit.cost import Work
 from memaudit.errors import UserError, first_lines
+from memaudit.storage import rows_per_chunk
 from memaudit.features import INCEPTION_FILE, cleanfid_available, inception_cache_path, inception_features  # noqa: F401
 from memaudit.metrics.base import SCAN, Metric, RunData, ScanContext
 from memaudit.numbers import finite_or_none, fmt
 
 FID_MODES = ("auto", "clean-fid", "proxy", "off")
 MAX_PCA_FIT = 5000
+FIT_BYTES = 512 * 2**20  # the PCA fit's float64 images: fewer than MAX_PCA_FIT for large images
 PROJECT_ROWS = 4096  # training images projected at a time (a float64 copy of all of them would be 2x the set)
 
 
@@ -81,12 +84,13 @@ def pca_basis(train: Tensor, dims: int = 64, max_fit: int = MAX_PCA_FIT) -> tupl
     """Training mean and the top min(dims, M-1, d, rank) principal directions (d, r), float64; fitted on at most
     max_fit evenly spaced training images (directions with a variance below 1e-10 of the largest are dropped:
     duplicated images give a rank-deficient set)."""
+    max_fit = min(max_fit, max(dims + 1, FIT_BYTES // (8 * int(math.prod(train.shape[1:])))))
     rows = (torch.linspace(0, train.shape[0] - 1, max_fit).round().long() if train.shape[0] > max_fit
             else slice(None))
     flat = train[rows]
-    flat = flat.reshape(flat.shape[0], -1).double()
-    mean = flat.mean(0)
-    xc = flat - mean
+    xc = flat.reshape(flat.shape[0], -1).double()
+    mean = xc.mean(0)
+    xc -= mean
     gram = xc.shape[1] > xc.shape[0]  # Gram trick: eigenvectors of Xc Xc^T mapped back through Xc^T
     vals, vecs = _eigh(xc @ xc.T if gram else xc.T @ xc)
     rank = int((vals > 1e-10 * vals.max().clamp_min(1e-300)).sum())
@@ -105,7 +109,8 @@ def fid_proxy(samples: Tensor, train: Tensor, dims: int = 64) -> float:
     mean, basis = pca_basis(train, dims)
     project = lambda x: (x.reshape(x.shape[0], -1).to(basis.device, torch.float64) - mean) @ basis  # noqa: E731
     mu1, c1 = _gaussian(project(samples))
-    mu2, c2 = _gaussian(torch.cat([project(train[a:a + PROJECT_ROWS]) for a in range(0, train.shape[0], PROJECT_ROWS)]))
+    step = rows_per_chunk(int(math.prod(train.shape[1:])), PROJECT_ROWS, 8)
+    mu2, c2 = _gaussian(torch.cat([project(train[a:a + step]) for a in range(0, train.shape[0], step)]))
     return frechet_distance(mu1, c1, mu2, c2)
 
 
