@@ -82,6 +82,8 @@ def run_latent_scan(model: LatentModel, train: Tensor, config: ScanConfig, *, mo
     result = run_scan(model, encoded.latents, config, model_info=info,
                       data_info={**data_info, "latents": encoded.info()}, task=task, workdir=workdir,
                       resume=resume, note=note, holdout=held, context={decoded.SPACE: space})
+    if result is None:  # a torchrun rank other than 0 (memaudit.distributed)
+        return None
     result.samples = {name: space.decoded(name, s) for name, s in result.samples.items()}
     worse_of_both(result.report["summary"], list(result.report["runs"]))
     return result

@@ -68,7 +68,7 @@ class NeighborIndex:
         rows = np.repeat(np.arange(queries.shape[0]), np.diff(lims.astype(np.int64)))
         if len(idx) == 0:
             return []
-        diff = queries[rows] - self.index.reconstruct_batch(idx)
+        diff = queries[rows].astype(np.float64) - self.index.reconstruct_batch(idx)  # exact: no rounding
         dist = np.sqrt(np.einsum("nd,nd->n", diff, diff, dtype=np.float64))
         keep = dist <= radius
         return list(zip(rows[keep].tolist(), idx[keep].astype(np.int64).tolist()))
@@ -82,7 +82,7 @@ class NeighborIndex:
         idx = self._candidates(q, k)
         dist = np.empty(idx.shape, dtype=np.float32)
         for j in range(k):
-            diff = q - self.index.reconstruct_batch(idx[:, j])
+            diff = q.astype(np.float64) - self.index.reconstruct_batch(idx[:, j])  # float64: exact differences
             dist[:, j] = np.sqrt(np.maximum(np.einsum("nd,nd->n", diff, diff, dtype=np.float64), 0.0))
         order = np.argsort(dist, axis=1, kind="stable")
         return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1).astype(np.int64)

@@ -10,10 +10,11 @@ all noise comes from one CPU generator, so results do not depend on the device.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -336,17 +337,84 @@ class Batch:
     trajectory: Optional[Trajectory] = None
 
 
+def batch_seed(seed: int, k: int) -> int:
+    """The seed of batch k of a run seeded with `seed`: every batch has its own generator, so any process can
+    draw any batch (memaudit.distributed) and a run's samples do not depend on how its batches are shared out."""
+    digest = hashlib.sha256(f"memaudit-batch:{int(seed)}:{int(k)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def batch_generator(seed: int, k: int) -> torch.Generator:
+    """The CPU generator batch k of a run seeded with `seed` draws all its noise from."""
+    return torch.Generator().manual_seed(batch_seed(seed, k))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a sampling run draws: n samples in batches of `batch_size`, batch k seeded by batch_seed(seed, k),
+    trajectories recorded for the first `record` samples."""
+
+    n: int
+    config: SamplerConfig
+    seed: int
+    batch_size: int
+    record: int = 0
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def size(self, k: int) -> int:
+        return min(self.batch_size, self.n - k * self.batch_size)
+
+
+def draw_batch(denoiser: Denoiser, plan: BatchPlan, k: int, device: torch.device,
+               nearest: Optional[Callable[[Tensor], Tensor]] = None) -> Batch:
+    """Batch k of the plan, from its own generator."""
+    start, size = k * plan.batch_size, plan.size(k)
+    generator = batch_generator(plan.seed, k)
+    before = generator.get_state()
+    traj = Trajectory(rows=min(size, plan.record - start)) if start < plan.record else None
+    out = sample_batch(denoiser, size, plan.config, generator, device, traj, nearest=nearest)
+    return Batch(out.cpu(), before, generator.get_state(), traj)
+
+
+# source(denoiser, plan, first, device, nearest) -> the plan's batches first, first + 1, ... in order
+BatchSource = Callable[..., Iterable[Batch]]
+
+
+def local_batches(denoiser: Denoiser, plan: BatchPlan, first: int, device: torch.device,
+                  nearest: Optional[Callable[[Tensor], Tensor]] = None) -> Iterator[Batch]:
+    """The plan's batches from `first` on, drawn in this process."""
+    for k in range(first, plan.num_batches):
+        yield draw_batch(denoiser, plan, k, device, nearest)
+
+
+def resumed_problem(plan: BatchPlan, batches: Sequence[Batch]) -> Optional[str]:
+    """Why saved `batches` cannot be the plan's first batches (sizes, or generators other than the plan's
+    batch_generator), or None."""
+    for k, batch in enumerate(batches):
+        if k >= plan.num_batches or batch.samples.shape[0] != plan.size(k):
+            return f"saved batch {k} does not hold the {plan.size(k) if k < plan.num_batches else 0} samples " \
+                   "these settings draw in it"
+        if not torch.equal(batch.generator_before, batch_generator(plan.seed, k).get_state()):
+            return f"saved batch {k} was drawn from another generator (an older memaudit seeded runs differently)"
+    return None
+
+
 def sample(denoiser: Denoiser, n: int, config: SamplerConfig, seed: int = 0, batch_size: int = 64,
            device: str | torch.device | None = None, progress: Optional[Callable[[int], None]] = None,
            record: int = 0, batches: Sequence[Batch] = (),
            on_batch: Optional[Callable[[Batch], None]] = None,
-           nearest: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, list[Trajectory]]:
+           nearest: Optional[Callable[[Tensor], Tensor]] = None,
+           source: BatchSource = local_batches) -> tuple[Tensor, list[Trajectory]]:
     """Draw n samples in batches; returns (samples on CPU, trajectories of the first `record` samples).
 
-    All noise comes from one CPU generator seeded with `seed`, so results do not depend on the device.
-    `batches` are finished batches of an earlier run with the same settings (resume): sampling continues after
-    them and gives the same result as an uninterrupted run.  `on_batch(batch)` sees every new batch;
-    `progress(k)` gets the number of samples done after each batch.
+    Batch k draws all its noise from its own CPU generator (batch_generator(seed, k)), so results depend on
+    neither the device nor which process drew the batch (`source`: memaudit.distributed shares the batches out
+    over torchrun ranks). `batches` are the first finished batches of an earlier run with the same settings
+    (resume): sampling continues after them and gives the same result as an uninterrupted run.
+    `on_batch(batch)` sees every new batch; `progress(k)` gets the number of samples done after each batch.
     """
     if denoiser.image_shape is None:
         raise UserError("the model does not declare an image shape; pass data so it can be inferred")
@@ -355,24 +423,17 @@ def sample(denoiser: Denoiser, n: int, config: SamplerConfig, seed: int = 0, bat
     if batch_size < 1:
         raise UserError(f"the batch size must be >= 1, not {batch_size}")
     device = torch.device(device) if device is not None else denoiser.device
-    generator = torch.Generator().manual_seed(int(seed))
+    plan = BatchPlan(int(n), config, int(seed), int(batch_size), int(record))
     batches = list(batches)
     done = sum(b.samples.shape[0] for b in batches)
-    if batches:
-        generator.set_state(batches[-1].generator_after)
-    while done < n:
-        size = min(batch_size, n - done)
-        before = generator.get_state()
-        traj = Trajectory(rows=min(size, record - done)) if done < record else None
-        out = sample_batch(denoiser, size, config, generator, device, traj, nearest=nearest)
-        batch = Batch(out.cpu(), before, generator.get_state(), traj)
+    for batch in source(denoiser, plan, len(batches), device, nearest):
         batches.append(batch)
-        done += size
+        done += batch.samples.shape[0]
         if on_batch is not None:
             on_batch(batch)
         if progress is not None:
             progress(done)
-    samples = torch.cat([b.samples for b in batches])[:n]
+    samples = torch.cat([b.samples for b in batches])[:n] if batches else torch.empty(0)
     return samples, [b.trajectory for b in batches if b.trajectory is not None]
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from memaudit import distributed
 from memaudit.class_scan import class_plan, sample_classes, without_unconditional_metrics
 from memaudit.denoiser import Denoiser, clip_sigma_range
 from memaudit.duplicates import DEFAULT_TOLERANCE, Duplicates, find_duplicates
@@ -35,8 +36,8 @@ from memaudit.metrics.nn_ratio import training_index
 from memaudit.neighbors import NeighborIndex
 from memaudit.report.schema import build_report
 from memaudit.resources import check_fits
-from memaudit.sampling import (DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, DEFAULT_STEPS, Batch, SamplerConfig,
-                               check_sampler, rerun_rows, sample)
+from memaudit.sampling import (DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, DEFAULT_STEPS, Batch, BatchPlan, SamplerConfig,
+                               check_sampler, rerun_rows, resumed_problem, sample)
 from memaudit.workdir import SampleStore
 
 # task(description, total) -> advance(done, info="")
@@ -208,8 +209,10 @@ def sample_run(model: Denoiser, sampler: str, config: ScanConfig, store: SampleS
     """Samples and recorded trajectories of one sampler run, resumed from the store when asked (and sound)."""
     sampler_config = config.sampler_config(sampler)
     batches, problem = store.load(sampler, config.num_samples, model.image_shape) if resume else ([], None)
+    # (the work folder is rank 0's: other torchrun ranks get a SampleStore without one, so nothing to resume)
     if batches:
-        problem = spot_check(model, batches, sampler_config, config.device, nearest)
+        problem = resumed_problem(BatchPlan(config.num_samples, sampler_config, config.seed, config.batch_size),
+                                  batches) or spot_check(model, batches, sampler_config, config.device, nearest)
         batches = [] if problem else batches
     if problem:
         note(f"not resuming {sampler} from {store.folder}: {problem}; sampling it from the start")
@@ -229,7 +232,8 @@ def sample_run(model: Denoiser, sampler: str, config: ScanConfig, store: SampleS
 
     samples, trajectories = sample(model, config.num_samples, sampler_config, seed=config.seed,
                                    batch_size=config.batch_size, device=config.device, progress=advance,
-                                   record=record, batches=batches, on_batch=save, nearest=nearest)
+                                   record=record, batches=batches, on_batch=save, nearest=nearest,
+                                   source=distributed.batch_source())
     return RunSamples(samples, trajectories, resumed, SPOT_CHECK_ROWS if batches else 0)
 
 
@@ -251,13 +255,14 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
              task: Optional[TaskFactory] = None, workdir: Optional[Path] = None, resume: bool = False,
              note: Optional[NoteFn] = None, holdout: Optional[Tensor] = None, labels: Optional[Tensor] = None,
              class_names: Optional[list] = None, labels_problem: str = "the data has no class labels",
-             context: Optional[dict] = None) -> ScanResult:
+             context: Optional[dict] = None) -> Optional[ScanResult]:
     """Sample with each configured sampler, compute every listed metric, and return the report (without gates:
     the caller attaches them) and the samples. `holdout`: held-out real images (same shape and range as `train`)
     that calibrate the NN-ratio rule and feed C_T (memaudit.metrics.calibration, ct_score). `labels`: the training
     images' classes, which a class-conditional model samples per class (memaudit.class_scan; ignored otherwise).
     `context`: entries the metrics find in ScanContext.cache (memaudit.latent_scan puts the decoded pixel space
-    there)."""
+    there). On a torchrun rank other than 0 it only draws that rank's share of the samples and returns None.
+    """
     config.validate()
     plan = class_plan(model, labels, config.num_samples, labels_problem)
     if holdout is not None and tuple(holdout.shape[1:]) != tuple(train.shape[1:]):
@@ -271,6 +276,8 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     check_sampling_memory(config, model.image_shape)
     device = torch.device(config.device)
     train_dev = train.to(device)
+    if not distributed.is_main():
+        return sample_for_rank_zero(model, train_dev, config, plan)
     features = feature_space(config.features, device, tuple(train.shape[1:]))
     index = training_index(train_dev, features, index=config.index)
     duplicates = training_duplicates(index, config.dup_tol, note)
@@ -306,6 +313,21 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     report = build_report(model=model_info, data=data, settings=settings, runs=runs, provenance=provenance,
                           sections=sections)
     return ScanResult(report, {name: r.samples for name, r in ctx.runs.items()}, store.folder)
+
+
+def sample_for_rank_zero(model: Denoiser, train: Tensor, config: ScanConfig, plan) -> None:
+    """A torchrun rank other than 0: draw its share of every sampling run, in rank 0's order, and nothing
+    else (rank 0 measures and reports; memaudit.distributed)."""
+    quiet = lambda description, total: (lambda done, info="": None)  # noqa: E731
+    store = SampleStore(None, {})
+    record = trajectory_rows(config, model.image_shape)
+    nearest = EmpiricalDenoiser(train).nearest_distance
+    for sampler in config.samplers:
+        if plan:
+            sample_classes(sample_run, model, sampler, config, store, plan, record, resume=False, task=quiet,
+                           note=lambda message: None, nearest=nearest)
+        else:
+            sample_run(model, sampler, config, store, False, quiet, lambda message: None, record, nearest)
 
 
 def scan_sections(ctx: ScanContext) -> dict:

@@ -1,13 +1,15 @@
 """Samplers against closed forms: Gaussian data has an exact denoiser, so sample statistics are known."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from memaudit.denoiser import Denoiser
 from memaudit.errors import UserError
-from memaudit.sampling import (SAMPLERS, NonFiniteSamples, SamplerConfig, karras_sigmas, rerun_rows, sample,
-                               sample_batch)
+from memaudit.sampling import (SAMPLERS, BatchPlan, NonFiniteSamples, SamplerConfig, batch_seed, draw_batch,
+                               karras_sigmas, rerun_rows, resumed_problem, sample, sample_batch)
 
 
 def to_mean(mu):
@@ -187,3 +189,28 @@ def test_non_finite_samples_stop_sampling_with_a_user_error(name):
     with pytest.raises(NonFiniteSamples, match="NaN or infinite.*sigma="):
         sample_batch(NaNBelow(0.0, 0.5), 3, SamplerConfig(sampler=name, steps=10), torch.Generator().manual_seed(0),
                      torch.device("cpu"), nearest=to_mean(0.0))
+
+
+def test_each_batch_has_its_own_generator_so_any_process_can_draw_it():
+    """Batch k of a run equals draw_batch(k) alone: no batch depends on the ones before it."""
+    model = GaussianDenoiser(0.0, 0.5)
+    config = SamplerConfig(sampler="sde", steps=5)
+    full, _ = sample(model, 10, config, seed=4, batch_size=3)
+    plan = BatchPlan(10, config, 4, 3)
+    alone = draw_batch(model, plan, 2, torch.device("cpu"))
+    assert torch.equal(alone.samples, full[6:9])
+    assert len({batch_seed(4, k) for k in range(1000)} | {batch_seed(5, k) for k in range(1000)}) == 2000
+
+
+def test_saved_batches_of_another_seeding_or_size_are_not_resumed():
+    model = GaussianDenoiser(0.0, 0.5)
+    config = SamplerConfig(sampler="euler", steps=4)
+    saved = []
+    sample(model, 10, config, seed=2, batch_size=3, on_batch=saved.append)
+    plan = BatchPlan(10, config, 2, 3)
+    assert resumed_problem(plan, saved[:2]) is None
+    assert "another generator" in resumed_problem(BatchPlan(10, config, 3, 3), saved[:2])
+    assert "does not hold" in resumed_problem(BatchPlan(10, config, 2, 4), saved[:2])
+    old = torch.Generator().manual_seed(2)  # how memaudit seeded a run before: one generator for all
+    stale = [dataclasses.replace(saved[0], generator_before=old.get_state())]
+    assert "another generator" in resumed_problem(plan, stale)

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from memaudit import __version__
+from memaudit import __version__, distributed
 from memaudit.cli.options import FLAGS
 from memaudit.errors import SettingError, UserError, first_lines, printable
 
@@ -45,6 +45,9 @@ def _interruptible(func):
     """Wrap a command so that a KeyboardInterrupt leaves it as Interrupted(its message or "interrupted")."""
     @functools.wraps(func)
     def command(*args, **kwargs):
+        if func.__name__ != "scan" and distributed.world_size() > 1:
+            raise UserError(f"only `memaudit scan` runs under torchrun (WORLD_SIZE={distributed.world_size()}); "
+                            f"run `memaudit {func.__name__}` as one process")
         try:
             return func(*args, **kwargs)
         except KeyboardInterrupt as exc:
@@ -77,12 +80,27 @@ def _class_names(exc: BaseException) -> set[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app. Exit codes (docs/reliability.md): 0 gates passed, 1 a gate failed, 2 bad input
-    (UserError, usage and I/O errors: one line), 3 internal error (one line), 130 interrupted."""
+    (UserError, usage and I/O errors: one line), 3 internal error (one line), 130 interrupted. Under torchrun
+    every rank exits with rank 0's code (memaudit.distributed)."""
+    try:
+        _run(argv)
+    except distributed.Stopped as exc:  # rank 0 stopped the job: its code, and its error line, are the job's
+        distributed.leave()
+        raise SystemExit(exc.code) from None
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        raise SystemExit(distributed.finish(code)) from None
+
+
+def _run(argv: list[str] | None) -> None:
+    """The command, its errors turned into one-line messages and exit codes (SystemExit)."""
     _register()
     if argv is not None and any("\x00" in str(a) for a in argv):
         fail("an argument contains a NUL byte; no file name can")  # a shell cannot pass one; an API caller can
     try:
         result = app(args=argv, prog_name="memaudit", standalone_mode=False)
+    except distributed.Stopped:
+        raise
     except SettingError as exc:
         fail(exc.worded(FLAGS.get(exc.setting, exc.setting)))
     except UserError as exc:

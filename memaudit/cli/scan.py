@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from memaudit import distributed
 from memaudit.atomic import check_distinct_paths, check_writable
 from memaudit.cli import options as opt
 from memaudit.data import load_dataset, parse_value_range
@@ -97,6 +98,8 @@ def scan(
     quiet: bool = opt.QUIET,
 ) -> int:
     """Audit MODEL for memorization of the training images DATA."""
+    distributed.start()  # under torchrun: join the job (memaudit.distributed); else nothing
+    device, quiet = distributed.local_device(device), quiet or not distributed.is_main()
     sampler, skip = opt.values(sampler), opt.values(skip)
     gates = parse_gates(fail_on) + recall_gate(index, min_recall)
     check_gate_metrics(gates, summary_keys(sampler))
@@ -108,6 +111,8 @@ def scan(
     config.validate()
     if dry_run:
         check_dry_run(fail_on, json_out, html_out, junit_out, resume)
+        if distributed.active():
+            raise UserError("--dry-run plans one process; run it without torchrun")
     check_distinct_paths(inputs={"MODEL": model, "DATA": data, **({"--holdout": holdout} if holdout else {})},
                          outputs={"--json": json_out, "--junit": junit_out, "--html": html_out})
     check_outputs(json_out, html_out, junit_out)  # now, not after a long scan
@@ -149,6 +154,8 @@ def scan(
     except KeyboardInterrupt:
         raise KeyboardInterrupt("interrupted; the samples drawn so far are saved: run the same command with "
                                 "--resume to continue") from None
+    if result is None:  # a torchrun rank other than 0: it drew its share of the samples; rank 0 reports
+        return 0
     attach_gates(result.report, gates)
     write_outputs(result, train, json_out, html_out, junit_out)
     if result.workdir is not None:

@@ -1,0 +1,188 @@
+"""torchrun: the ranks of one scan share its sampling batch by batch; rank 0 measures and writes the report.
+
+`torchrun --nproc_per_node N -m memaudit scan ...` starts N copies of the command (torchrun sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Every rank loads the model and the data and walks the
+scan's sampling runs in the same order; at the start of each run rank 0 broadcasts where it starts (after the
+batches it resumed). Batch k of a run is drawn by rank k mod N from its own generator
+(memaudit.sampling.batch_generator), and each round's batches are gathered on rank 0 in batch order, so the
+samples, and the report, are the same for any N. Only rank 0 saves batches, computes the metrics and writes the
+reports; when it exits it broadcasts its exit code, and every rank exits with it (a worker waiting for a run
+that never comes learns the code instead). Collectives use gloo on CPU objects, for CPU and GPU ranks alike.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from memaudit.errors import UserError
+from memaudit.sampling import Batch, BatchPlan, draw_batch, local_batches
+
+DEFAULT_TIMEOUT_S = 6 * 3600  # rank 0 may measure for hours while the others wait for the next run
+ENV_TIMEOUT = "MEMAUDIT_DIST_TIMEOUT"
+
+
+@dataclass(frozen=True)
+class Round:
+    """Rank 0 to all: draw the round of batches starting at batch `first` (batch first + r on rank r)."""
+
+    first: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """Rank 0 to all: this sampling run is complete."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Rank 0 to all: the command is over; exit with `code`."""
+
+    code: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A rank to rank 0, in place of its batch: drawing it raised (`message`; `user`: a UserError)."""
+
+    message: str
+    user: bool
+
+
+class Stopped(Exception):
+    """Raised on a worker rank when rank 0 stopped the command: exit with `code`."""
+
+    def __init__(self, code: int):
+        super().__init__(f"rank 0 stopped with exit code {code}")
+        self.code = code
+
+
+def world_size() -> int:
+    """The number of torchrun ranks of this command (1 without torchrun)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def active() -> bool:
+    """Whether this process is one rank of several (and the process group is up)."""
+    return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that measures and writes."""
+    return rank() == 0
+
+
+def start() -> None:
+    """Join the torchrun job (gloo) when WORLD_SIZE > 1; a one-line error when its settings are missing."""
+    if world_size() == 1 or active():
+        return
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise UserError(f"WORLD_SIZE is {world_size()} but {', '.join(missing)} is not set: start several ranks "
+                        "with torchrun --nproc_per_node N -m memaudit scan ...")
+    timeout = float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+
+
+def finish(code: int) -> int:
+    """The command's exit code on every rank: rank 0 broadcasts its own; a worker that finished its runs waits
+    for it. Leaves the process group."""
+    if not active():
+        return code
+    try:
+        if is_main():
+            _broadcast(Stop(int(code)))
+        else:
+            code = _expect_stop()
+    finally:
+        torch.distributed.destroy_process_group()
+    return code
+
+
+def leave() -> None:
+    """Leave the process group (after rank 0's Stop)."""
+    if active():
+        torch.distributed.destroy_process_group()
+
+
+def _expect_stop() -> int:
+    message = _broadcast(None)
+    return message.code if isinstance(message, Stop) else 3
+
+
+def local_device(device: str) -> str:
+    """`cuda` on a torchrun rank means that rank's own GPU (cuda:LOCAL_RANK)."""
+    if active() and device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def _broadcast(message):
+    box = [message]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def batch_source() -> Callable[..., Iterator[Batch]]:
+    """The BatchSource of memaudit.sampling.sample: this process alone, or the torchrun ranks together."""
+    return shared_batches if active() else local_batches
+
+
+def shared_batches(denoiser, plan: BatchPlan, first: int, device: torch.device,
+                   nearest: Optional[Callable[[Tensor], Tensor]] = None) -> Iterator[Batch]:
+    """The plan's batches from `first` on, drawn round by round (batch k by rank k mod N) and gathered in
+    batch order; yielded on rank 0 only. Rank 0 opens each round with a broadcast (Round, then Done), so a
+    worker waiting on it learns of a Stop at once, wherever rank 0 stopped."""
+    if is_main():
+        yield from _lead(denoiser, plan, first, device, nearest)
+    else:
+        _follow(denoiser, plan, device, nearest)
+
+
+def _lead(denoiser, plan: BatchPlan, first: int, device, nearest) -> Iterator[Batch]:
+    size = torch.distributed.get_world_size()
+    for round_start in range(first, plan.num_batches, size):
+        _broadcast(Round(round_start))
+        gathered = [None] * size
+        torch.distributed.gather_object(_draw(denoiser, plan, round_start, device, nearest), gathered, dst=0)
+        batches = gathered[: plan.num_batches - round_start]
+        for item in batches:
+            if isinstance(item, Failed):
+                raise UserError(item.message) if item.user else RuntimeError(item.message)
+        yield from batches
+    _broadcast(Done())
+
+
+def _follow(denoiser, plan: BatchPlan, device, nearest) -> None:
+    me = rank()
+    while True:
+        message = _broadcast(None)
+        if isinstance(message, Stop):
+            raise Stopped(message.code)
+        if isinstance(message, Done):
+            return
+        k = message.first + me
+        mine = _draw(denoiser, plan, k, device, nearest) if k < plan.num_batches else None
+        torch.distributed.gather_object(mine, None, dst=0)
+
+
+def _draw(denoiser, plan: BatchPlan, k: int, device, nearest):
+    """Batch k, or Failed when drawing it raised (every rank must still reach the gather)."""
+    try:
+        return draw_batch(denoiser, plan, k, device, nearest)
+    except UserError as exc:
+        return Failed(str(exc), True)
+    except Exception as exc:  # noqa: BLE001 - reported by rank 0 as an internal error
+        return Failed(f"rank {rank()}: {type(exc).__name__}: {exc}", False)

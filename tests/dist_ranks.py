@@ -1,0 +1,65 @@
+"""A rank of a small torchrun-like job for tests/test_distributed.py (run as a script with RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT set): samples a closed-form model through memaudit.distributed and, on rank 0, saves
+what it drew. argv: scenario ('plain', 'resume' or 'fail') and the output file."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from memaudit import distributed
+from memaudit.errors import UserError
+from memaudit.sampling import SamplerConfig, local_batches, sample
+
+N, BATCH, STEPS, SEED = 10, 3, 4, 7  # 4 batches over the ranks: the last round is not full
+
+
+class Shrink(torch.nn.Module):
+    """D(x, sigma) = x / (1 + sigma^2): the denoiser of N(0, I) data (closed form)."""
+
+    image_shape = (1, 2, 2)
+    sigma_min, sigma_max = 0.002, 80.0
+    device = torch.device("cpu")
+
+    def __init__(self, fail_on_rank: int = -1):
+        super().__init__()
+        self.fail_on_rank = fail_on_rank
+
+    def forward(self, x, sigma):
+        if distributed.rank() == self.fail_on_rank:
+            raise UserError(f"rank {self.fail_on_rank} could not draw its batch")
+        return x / (1 + torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1) ** 2)
+
+
+def saved_prefix(model, config):
+    """The first batch of a one-process run: what an interrupted scan left in its work folder."""
+    plan_batches = []
+    sample(model, N, config, seed=SEED, batch_size=BATCH, record=4, on_batch=plan_batches.append,
+           source=local_batches)
+    return plan_batches[:1]
+
+
+def main(scenario: str, out: str) -> int:
+    distributed.start()
+    config = SamplerConfig(sampler="euler", steps=STEPS)
+    model = Shrink(fail_on_rank=1 if scenario == "fail" else -1)
+    code = 0
+    try:
+        batches = saved_prefix(model, config) if scenario == "resume" and distributed.is_main() else []
+        samples, trajs = sample(model, N, config, seed=SEED, batch_size=BATCH, record=4, batches=batches,
+                                source=distributed.batch_source())
+        if distributed.is_main():
+            torch.save({"samples": samples, "trajectories": [torch.stack(t.xs) for t in trajs]}, out)
+    except UserError as exc:
+        if distributed.is_main():
+            open(out, "w").write(str(exc))
+        code = 2
+    except distributed.Stopped as exc:
+        distributed.leave()
+        return exc.code
+    return distributed.finish(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

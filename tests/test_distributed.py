@@ -1,0 +1,130 @@
+"""Issue 12, item 4: torchrun ranks (gloo, two CPU processes) share the sampling batch by batch and rank 0
+writes one report, byte-identical to one process's; gates, bad input and resume behave as in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memaudit.sampling import SamplerConfig, sample
+
+from dist_ranks import BATCH, N, SEED, STEPS, Shrink
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = str(ROOT / "examples" / "models" / "digits32")
+DATA = str(ROOT / "examples" / "digits" / "digits32.npz")
+SCAN = ["--samples", "24", "--batch-size", "8", "--steps", "6", "--quiet"]  # 3 batches over 2 ranks
+RANKS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(argv: list[str], tmp_path: Path, world: int = RANKS, script: list[str] | None = None):
+    """Start `world` ranks as torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); their
+    (exit code, stderr) in rank order."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "MEMAUDIT_CACHE": str(tmp_path / "cache"),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+               "MEMAUDIT_DIST_TIMEOUT": "120"}
+        cmd = [sys.executable, *(script or ["-m", "memaudit", "scan", *argv])]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        out.append((p.returncode, err))
+    return out
+
+
+def one_process(argv: list[str], tmp_path: Path):
+    env = {**os.environ, "MEMAUDIT_CACHE": str(tmp_path / "cache")}
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.run([sys.executable, "-m", "memaudit", "scan", *argv], env=env, capture_output=True, text=True)
+    return p.returncode, p.stderr
+
+
+def reports(folder: Path) -> list[str]:
+    return ["--json", str(folder / "r.json"), "--junit", str(folder / "r.xml"), "--html", str(folder / "html")]
+
+
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_ranks_write_the_report_of_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert one_process([MODEL, DATA, *SCAN, *reports(one)], tmp_path) == (0, "")
+    codes = run_ranks([MODEL, DATA, *SCAN, *reports(two)], tmp_path)
+    assert [c for c, _ in codes] == [0, 0], codes
+    assert tree(one) and tree(one) == tree(two)  # JSON, JUnit and every HTML file, byte for byte
+
+
+def test_a_failed_gate_is_exit_1_on_every_rank(tmp_path):
+    codes = run_ranks([MODEL, DATA, *SCAN, "--fail-on", "memorized_fraction>0.01", "--json",
+                       str(tmp_path / "r.json")], tmp_path)
+    assert [c for c, _ in codes] == [1, 1], codes
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "fail" and report["gates"][0]["passed"] is False
+
+
+def test_bad_input_is_exit_2_on_every_rank(tmp_path):
+    codes = run_ranks([MODEL, str(tmp_path / "missing.npz"), *SCAN], tmp_path)
+    assert [c for c, _ in codes] == [2, 2], codes
+    assert all(err.startswith("error: ") and "Traceback" not in err for _, err in codes)
+
+
+def test_an_error_only_rank_0_sees_stops_every_rank_with_its_code(tmp_path):
+    """Only rank 0 clusters near-duplicates; the other rank, waiting for the first sampling round, gets
+    rank 0's exit code (2) instead of hanging."""
+    data = tmp_path / "same.npy"
+    np.save(data, np.zeros((4, 8, 8, 1), dtype=np.uint8))
+    codes = run_ranks([MODEL, str(data), *SCAN], tmp_path)
+    assert [c for c, _ in codes] == [2, 2], codes
+    assert "near-duplicate" in codes[0][1] and codes[1][1] == ""
+
+
+def test_other_commands_refuse_torchrun(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    p = subprocess.run([sys.executable, "-m", "memaudit", "inspect", MODEL], env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "only `memaudit scan` runs under torchrun" in p.stderr
+
+
+def local_reference():
+    samples, trajs = sample(Shrink(), N, SamplerConfig(sampler="euler", steps=STEPS), seed=SEED, batch_size=BATCH,
+                            record=4)
+    return samples, [torch.stack(t.xs) for t in trajs]
+
+
+@pytest.mark.parametrize("scenario", ["plain", "resume"])
+def test_shared_batches_equal_one_process(tmp_path, scenario):
+    """Sampling shared over ranks (4 batches on 2 ranks; resumed after the first batch) gives one process's
+    samples and trajectories exactly."""
+    out = tmp_path / "out.pt"
+    codes = run_ranks([], tmp_path, script=[str(ROOT / "tests" / "dist_ranks.py"), scenario, str(out)])
+    assert [c for c, _ in codes] == [0, 0], codes
+    got = torch.load(out, weights_only=True)
+    samples, trajs = local_reference()
+    assert torch.equal(got["samples"], samples)
+    assert len(got["trajectories"]) == len(trajs) and all(map(torch.equal, got["trajectories"], trajs))
+
+
+def test_a_rank_that_cannot_draw_fails_the_job_with_its_error(tmp_path):
+    out = tmp_path / "out.txt"
+    codes = run_ranks([], tmp_path, script=[str(ROOT / "tests" / "dist_ranks.py"), "fail", str(out)])
+    assert [c for c, _ in codes] == [2, 2], codes
+    assert out.read_text() == "rank 1 could not draw its batch"
