@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 DEFAULT_FLOAT_BUDGET = 1 << 30
-CHUNK_BYTES = 256 * 2**20  # a float32 chunk of training rows never takes more than this
+CHUNK_BYTES = 64 * 2**20  # a float32 chunk of training rows never takes more than this
 BYTE_SCALE = 127.5  # x = u / 127.5 - 1: memaudit.data's reading of uint8 [0, 255]
 
 
 def rows_per_chunk(dim: int, cap: int, bytes_per_value: int = 4) -> int:
-    """Training rows per chunk: at most `cap`, and at most CHUNK_BYTES of them (256x256x3 images: 341 rows)."""
+    """Training rows per chunk: at most `cap`, and at most CHUNK_BYTES of them (256x256x3 images: 85 rows)."""
     return int(max(1, min(cap, CHUNK_BYTES // max(1, bytes_per_value * dim))))
 
 

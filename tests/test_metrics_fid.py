@@ -155,3 +155,15 @@ def test_compute_fid_modes(digits):
     assert too_few[0].value is None and "at least 2" in too_few[0].message
     with pytest.raises(UserError):
         compute_fid(samples, train, "cpu", mode="fast")
+
+
+def test_proxy_accumulated_over_many_chunks_matches_numpy_pca(digits, monkeypatch):
+    """The PCA fit sums the covariance (rows) and the Gram matrix (columns) over chunks: with chunks of a few
+    rows/columns it still equals numpy's one-shot PCA."""
+    import memaudit.storage
+
+    monkeypatch.setattr(memaudit.storage, "CHUNK_BYTES", 8 * 64 * 7)  # 7 float64 rows of 64 pixels
+    train, samples = digits[:300], digits[300:]
+    assert fid_proxy(samples, train, 20) == pytest.approx(numpy_proxy(samples.numpy(), train.numpy(), 20), rel=1e-5)
+    small = train[:12]
+    assert fid_proxy(samples, small, 64) == pytest.approx(numpy_proxy(samples.numpy(), small.numpy(), 64), rel=1e-5)

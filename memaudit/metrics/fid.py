@@ -26,7 +26,7 @@ from memaudit.numbers import finite_or_none, fmt
 
 FID_MODES = ("auto", "clean-fid", "proxy", "off")
 MAX_PCA_FIT = 5000
-FIT_BYTES = 512 * 2**20  # the PCA fit's float64 images: fewer than MAX_PCA_FIT for large images
+FIT_BYTES = 256 * 2**20  # the PCA fit's images, held as float32: fewer than MAX_PCA_FIT for large images
 PROJECT_ROWS = 4096  # training images projected at a time (a float64 copy of all of them would be 2x the set)
 
 
@@ -83,20 +83,36 @@ def _gaussian(feats: Tensor) -> tuple[Tensor, Tensor]:
 def pca_basis(train: Tensor, dims: int = 64, max_fit: int = MAX_PCA_FIT) -> tuple[Tensor, Tensor]:
     """Training mean and the top min(dims, M-1, d, rank) principal directions (d, r), float64; fitted on at most
     max_fit evenly spaced training images (directions with a variance below 1e-10 of the largest are dropped:
-    duplicated images give a rank-deficient set)."""
-    max_fit = min(max_fit, max(dims + 1, FIT_BYTES // (8 * int(math.prod(train.shape[1:])))))
+    duplicated images give a rank-deficient set). The fit images are held once, as float32; the covariance
+    (or, for d > rows, the Gram matrix) is accumulated in float64 over chunks, never a float64 copy of them."""
+    d = int(math.prod(train.shape[1:]))
+    max_fit = min(max_fit, max(dims + 1, FIT_BYTES // (4 * d)))
     rows = (torch.linspace(0, train.shape[0] - 1, max_fit).round().long() if train.shape[0] > max_fit
             else slice(None))
-    flat = train[rows]
-    xc = flat.reshape(flat.shape[0], -1).double()
-    mean = xc.mean(0)
-    xc -= mean
-    gram = xc.shape[1] > xc.shape[0]  # Gram trick: eigenvectors of Xc Xc^T mapped back through Xc^T
-    vals, vecs = _eigh(xc @ xc.T if gram else xc.T @ xc)
+    flat = train[rows].reshape(-1, d)
+    n = flat.shape[0]
+    mean = sum(flat[a:b].double().sum(0) for a, b in _chunks(n, rows_per_chunk(d, n, 8))) / n
+    gram = d > n  # Gram trick: eigenvectors of Xc Xc^T mapped back through Xc^T
+    if gram:
+        cols = list(_chunks(d, rows_per_chunk(n, d, 8)))  # column blocks of Xc, each as float64
+        centred = lambda a, b: flat[:, a:b].double() - mean[a:b]  # noqa: E731
+        vals, vecs = _eigh(sum(x @ x.T for x in (centred(a, b) for a, b in cols)))
+    else:
+        centred = lambda a, b: flat[a:b].double() - mean  # noqa: E731
+        vals, vecs = _eigh(sum(x.T @ x for x in (centred(a, b) for a, b in _chunks(n, rows_per_chunk(d, n, 8)))))
     rank = int((vals > 1e-10 * vals.max().clamp_min(1e-300)).sum())
-    r = max(1, min(dims, xc.shape[0] - 1, xc.shape[1], rank))
-    basis = (xc.T @ vecs[:, -r:]) / vals[-r:].clamp_min(1e-300).sqrt() if gram else vecs[:, -r:]
+    r = max(1, min(dims, n - 1, d, rank))
+    if gram:
+        scale = vals[-r:].clamp_min(1e-300).sqrt()
+        basis = torch.cat([centred(a, b).T @ vecs[:, -r:] for a, b in cols]) / scale
+    else:
+        basis = vecs[:, -r:]
     return mean, basis.flip(1)
+
+
+def _chunks(total: int, step: int):
+    """(start, stop) blocks of `step` covering range(total)."""
+    return ((a, min(a + step, total)) for a in range(0, total, max(1, step)))
 
 
 def fid_proxy(samples: Tensor, train: Tensor, dims: int = 64) -> float:
