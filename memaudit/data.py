@@ -13,11 +13,13 @@ Dataset.labels, and Dataset.labels_problem says why there are none (only a condi
 
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +38,11 @@ ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # Memory a dataset of B bytes (float32) takes while a scan runs: the tensor, the neighbour index, and temporaries.
 WORKING_COPIES = 3
+# Threads that decode a folder's images (Pillow releases the GIL while it decodes); 1 = one by one.
+DECODE_WORKERS = min(8, os.cpu_count() or 1)
+PROGRESS_STEPS = 200  # a progress callback is called about this many times per load, and at the end
+
+Progress = Callable[[int, int], None]  # progress(done, total): images decoded so far, of total
 
 
 @dataclass
@@ -81,8 +88,10 @@ def load_images(path: str | Path, resize: Optional[int] = None, channels: Option
 
 
 def load_dataset(path: str | Path, resize: Optional[int] = None, channels: Optional[int] = None,
-                 limit: Optional[int] = None, value_range: Optional[tuple[float, float]] = None) -> Dataset:
-    """Load a dataset; resize: square side to resize every image to (bilinear, antialiased); channels: 1 or 3."""
+                 limit: Optional[int] = None, value_range: Optional[tuple[float, float]] = None,
+                 progress: Optional[Progress] = None) -> Dataset:
+    """Load a dataset; resize: square side to resize every image to (bilinear, antialiased); channels: 1 or 3.
+    A folder is decoded by DECODE_WORKERS threads, in file order; progress(done, total) follows it."""
     path = Path(path)
     if channels not in (None, 1, 3):
         raise SettingError("channels", channels, "1 or 3")
@@ -93,7 +102,7 @@ def load_dataset(path: str | Path, resize: Optional[int] = None, channels: Optio
     if not path.exists():
         raise UserError(f"data not found: {path}")
     if path.is_dir():
-        dataset = _load_folder(path, resize, channels, limit, value_range)
+        dataset = _load_folder(path, resize, channels, limit, value_range, progress)
     elif path.suffix.lower() in (".npy", ".npz"):
         dataset = _load_array_file(path, resize, channels, limit, value_range)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
@@ -124,7 +133,7 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _load_folder(folder: Path, resize, channels, limit, value_range) -> Dataset:
+def _load_folder(folder: Path, resize, channels, limit, value_range, progress: Optional[Progress]) -> Dataset:
     files = image_files(folder)
     if not files:
         arrays = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".npy", ".npz"))
@@ -134,8 +143,33 @@ def _load_folder(folder: Path, resize, channels, limit, value_range) -> Dataset:
         files = files[:limit]
     first = _open_image(files[0])
     check_memory(len(files), (len(first.getbands()), first.height, first.width), str(folder), resize, channels)
-    dataset = _stack_pil([first] + [_open_image(f) for f in files[1:]], resize, channels, value_range)
+    images = [first] + ordered_map(_open_image, files[1:], progress, done=1, total=len(files))
+    dataset = _stack_pil(images, resize, channels, value_range)
     return with_labels(dataset, *folder_labels(folder, files))
+
+
+def ordered_map(fn: Callable, items: Sequence, progress: Optional[Progress] = None, done: int = 0,
+                total: Optional[int] = None) -> list:
+    """[fn(x) for x in items] on DECODE_WORKERS threads, results in item order; the first error in item order
+    is raised (as a serial loop would) and the work not started is cancelled.  progress(done + i, total) is
+    called about PROGRESS_STEPS times, in order, and after the last item."""
+    total = done + len(items) if total is None else total
+    every = max(1, total // PROGRESS_STEPS)
+    workers = min(DECODE_WORKERS, len(items))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memaudit-load") if workers > 1 else None
+    try:
+        pending = [pool.submit(fn, x) for x in items] if pool else None
+        results = []
+        if progress is not None and not items:
+            progress(done, total)
+        for i, x in enumerate(items):
+            results.append(pending[i].result() if pool else fn(x))
+            if progress is not None and ((done + i + 1) % every == 0 or i + 1 == len(items)):
+                progress(done + i + 1, total)
+        return results
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def with_labels(dataset: Dataset, labels: Optional[Tensor], names: Optional[list[str]], problem: str) -> Dataset:

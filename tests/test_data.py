@@ -144,3 +144,112 @@ def test_resize_is_the_same_for_folders_and_arrays(tmp_path):
     from_array = load_images(tmp_path / "a.npy", resize=5)
     assert from_folder.shape == (3, 1, 5, 5)
     torch.testing.assert_close(from_folder, from_array, rtol=0, atol=0)
+
+
+# --- parallel folder decoding (issue 12) ---
+
+def mixed_folder(root, count=24):
+    """A folder of `count` images of mixed sizes and modes (L, RGB, RGBA, P, 16-bit I;16, JPEG) in class
+    subfolders, with names whose sorted order differs from their creation order."""
+    rng = np.random.default_rng(7)
+    for i in range(count):
+        h, w = 6 + i % 3, 5 + i % 4
+        path = root / ("cat" if i % 2 else "dog") / f"{(i * 7) % count:03d}"
+        kind = i % 6
+        if kind == 0:
+            write_png(path.with_suffix(".png"), rng.integers(0, 256, (h, w), dtype=np.uint8))
+        elif kind == 1:
+            write_png(path.with_suffix(".png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        elif kind == 2:
+            write_png(path.with_suffix(".png"), rng.integers(0, 256, (h, w, 4), dtype=np.uint8))
+        elif kind == 3:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert("P").save(path.with_suffix(".png"))
+        elif kind == 4:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(path.with_suffix(".png"))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path.with_suffix(".jpg"))
+    return root
+
+
+def serial_load(monkeypatch, *args, **kwargs):
+    """The load with one decoding thread: the reference the parallel load must equal byte for byte."""
+    import memaudit.data as data
+
+    with monkeypatch.context() as mp:
+        mp.setattr(data, "DECODE_WORKERS", 1)
+        return data.load_dataset(*args, **kwargs)
+
+
+def same_dataset(a, b):
+    assert type(a.data) is type(b.data) and a.value_range == b.value_range
+    assert a.images.dtype == b.images.dtype and a.images.shape == b.images.shape
+    assert a.images.numpy().tobytes() == b.images.numpy().tobytes()
+    assert (a.labels is None and b.labels is None) or torch.equal(a.labels, b.labels)
+    assert a.class_names == b.class_names and a.labels_problem == b.labels_problem
+
+
+@pytest.mark.parametrize("options", [dict(resize=5), dict(resize=4, channels=1), dict(resize=7, channels=3)])
+def test_parallel_folder_load_is_byte_identical_to_serial(tmp_path, monkeypatch, options):
+    import memaudit.data as data
+
+    folder = mixed_folder(tmp_path / "mixed")
+    monkeypatch.setattr(data, "DECODE_WORKERS", 4)
+    parallel = data.load_dataset(folder, **options)
+    same_dataset(parallel, serial_load(monkeypatch, folder, **options))
+    assert parallel.class_names == ["cat", "dog"] and len(parallel.labels) == 24
+
+
+@pytest.mark.parametrize("channels", [None, 1, 3])
+def test_parallel_same_size_folder_is_byte_identical(tmp_path, monkeypatch, channels):
+    import memaudit.data as data
+
+    rng = np.random.default_rng(3)
+    for i in range(40):  # 8-bit, one size: held as uint8 bytes with a tiny float budget
+        write_png(tmp_path / f"{39 - i:02d}.png", rng.integers(0, 256, (6, 6, 3) if i % 3 else (6, 6), np.uint8))
+    monkeypatch.setattr(data, "DECODE_WORKERS", 4)
+    same_dataset(data.load_dataset(tmp_path, channels=channels), serial_load(monkeypatch, tmp_path, channels=channels))
+    monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", "1")
+    small = data.load_dataset(tmp_path, channels=channels, limit=30)
+    same_dataset(small, serial_load(monkeypatch, tmp_path, channels=channels, limit=30))
+    assert len(small.images) == 30
+
+
+def test_parallel_load_reports_progress_in_order(tmp_path, monkeypatch):
+    import memaudit.data as data
+
+    for i in range(30):
+        write_png(tmp_path / f"{i:02d}.png", np.full((4, 4), i, np.uint8))
+    monkeypatch.setattr(data, "DECODE_WORKERS", 4)
+    calls = []
+    data.load_dataset(tmp_path, progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls == sorted(calls) and calls[-1] == (30, 30) and {t for _, t in calls} == {30}
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_corrupt_image_in_a_parallel_load_is_a_one_line_error(tmp_path, monkeypatch, workers):
+    import memaudit.data as data
+
+    for i in range(12):
+        write_png(tmp_path / f"{i:02d}.png", np.full((4, 4), i, np.uint8))
+    (tmp_path / "05.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "09.png").write_bytes(b"")  # a later bad file: the first in file order is the one reported
+    monkeypatch.setattr(data, "DECODE_WORKERS", workers)
+    with pytest.raises(UserError) as err:
+        data.load_dataset(tmp_path)
+    assert str(err.value).startswith(f"cannot read image {tmp_path / '05.png'}: ") and "\n" not in str(err.value)
+
+
+def test_corrupt_image_in_a_folder_exits_2_with_one_line(tmp_path, capsys):
+    from memaudit.cli.app import main
+
+    for i in range(6):
+        write_png(tmp_path / "data" / f"{i}.png", np.full((4, 4), i * 40, np.uint8))
+    (tmp_path / "data" / "3.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as code:
+        main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code.value.code == 2 and err.startswith("error: cannot read image") and "3.png" in err
+    assert len(err.splitlines()) == 1
