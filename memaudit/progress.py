@@ -42,3 +42,24 @@ def progress_tracker(console: Optional[Console] = None, quiet: bool = False) -> 
     tracker = ProgressTracker(console, quiet)
     with tracker:
         yield tracker
+
+
+@contextlib.contextmanager
+def data_loading(description: str, quiet: bool = False) -> Iterator[dict]:
+    """The `progress` and `note` arguments of memaudit.data.load_dataset for a command: a bar that appears once
+    a folder starts decoding (an array file shows none), and notes printed beside it; nothing with `quiet`."""
+    if quiet:
+        yield {"progress": None, "note": None}
+        return
+    with progress_tracker() as tracker:
+        advance: list = []
+
+        def progress(done: int, total: int) -> None:
+            if not advance:
+                advance.append(tracker.task(description, total))
+            advance[0](done)
+
+        def note(line: str) -> None:
+            tracker.progress.console.print(line, markup=False, highlight=False)
+
+        yield {"progress": progress, "note": note}

@@ -455,3 +455,17 @@ def test_an_interrupted_cache_write_leaves_no_entry(tmp_path, monkeypatch, image
     assert list(image_cache.iterdir()) == []  # not even the temporary file
     monkeypatch.setattr(imagecache.np, "save", real_save)
     same_dataset(load_dataset(folder), load_dataset(folder, cache_dir="off"))
+
+
+def test_cli_shows_a_load_bar_and_takes_cache_dir(tmp_path, capsys, image_cache):
+    from memaudit.cli.app import main
+
+    folder = rgb_folder(tmp_path / "d", labelled=False)
+    run = ["train", str(folder), "--out", str(tmp_path / "m"), "--steps", "1", "--width", "4", "--levels", "1"]
+    with pytest.raises(SystemExit) as code:
+        main(run + ["--cache-dir", str(tmp_path / "mine")])
+    assert code.value.code == 0 and "load DATA" in capsys.readouterr().err
+    assert len(entries(tmp_path / "mine")) == 2 and entries(image_cache) == []
+    with pytest.raises(SystemExit):
+        main(run + ["--cache-dir", "off", "--quiet"])
+    assert "load DATA" not in capsys.readouterr().err and entries(image_cache) == []
