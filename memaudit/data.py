@@ -42,7 +42,8 @@ WORKING_COPIES = 3
 # Threads that decode a folder's images (Pillow releases the GIL while it decodes); 1 = one by one.
 DECODE_WORKERS = min(8, os.cpu_count() or 1)
 VALUE_RANGE_FOR_ARRAYS = "--value-range applies to .npy/.npz arrays; image files carry their own bit depth"
-PROGRESS_STEPS = 200  # a progress callback is called about this many times per load, and at the end
+PROGRESS_STEPS = 200  # a one-thread load calls its progress callback about this many times, and at the end
+BATCH_ITEMS = 256  # images per task of a parallel load (at most; fewer when there are few)
 
 Progress = Callable[[int, int], None]  # progress(done, total): images decoded so far, of total
 
@@ -203,25 +204,38 @@ def _say(note: Optional[Callable[[str], None]], line: str) -> None:
 def ordered_map(fn: Callable, items: Sequence, progress: Optional[Progress] = None, done: int = 0,
                 total: Optional[int] = None) -> list:
     """[fn(x) for x in items] on DECODE_WORKERS threads, results in item order; the first error in item order
-    is raised (as a serial loop would) and the work not started is cancelled.  progress(done + i, total) is
-    called about PROGRESS_STEPS times, in order, and after the last item."""
+    is raised (as a serial loop would) and the work not started is cancelled.  Items go to the threads in
+    batches (a task per item costs more than decoding a small PNG); progress(done + i, total) is called after
+    each batch, in order, and after the last item."""
     total = done + len(items) if total is None else total
-    every = max(1, total // PROGRESS_STEPS)
     workers = min(DECODE_WORKERS, len(items))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memaudit-load") if workers > 1 else None
+    if progress is not None and not items:
+        progress(done, total)
+    if workers <= 1:
+        return _serial_map(fn, items, progress, done, total)
+    step = min(BATCH_ITEMS, max(1, len(items) // (4 * workers)))
+    batches = [items[i:i + step] for i in range(0, len(items), step)]
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memaudit-load")
     try:
-        pending = [pool.submit(fn, x) for x in items] if pool else None
+        pending = [pool.submit(lambda batch: [fn(x) for x in batch], batch) for batch in batches]
         results = []
-        if progress is not None and not items:
-            progress(done, total)
-        for i, x in enumerate(items):
-            results.append(pending[i].result() if pool else fn(x))
-            if progress is not None and ((done + i + 1) % every == 0 or i + 1 == len(items)):
-                progress(done + i + 1, total)
+        for future in pending:
+            results.extend(future.result())
+            if progress is not None:
+                progress(done + len(results), total)
         return results
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _serial_map(fn: Callable, items: Sequence, progress: Optional[Progress], done: int, total: int) -> list:
+    """ordered_map on the calling thread (progress about PROGRESS_STEPS times)."""
+    every, results = max(1, total // PROGRESS_STEPS), []
+    for i, x in enumerate(items):
+        results.append(fn(x))
+        if progress is not None and ((done + i + 1) % every == 0 or i + 1 == len(items)):
+            progress(done + i + 1, total)
+    return results
 
 
 def with_labels(dataset: Dataset, labels: Optional[Tensor], names: Optional[list[str]], problem: str) -> Dataset:
