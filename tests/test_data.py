@@ -457,15 +457,23 @@ def test_an_interrupted_cache_write_leaves_no_entry(tmp_path, monkeypatch, image
     same_dataset(load_dataset(folder), load_dataset(folder, cache_dir="off"))
 
 
-def test_cli_shows_a_load_bar_and_takes_cache_dir(tmp_path, capsys, image_cache):
+def test_cli_shows_a_load_bar_and_takes_cache_dir(tmp_path, monkeypatch, image_cache):
+    import memaudit.progress as progress
     from memaudit.cli.app import main
 
+    bars = []
+    monkeypatch.setattr(progress, "_interactive", lambda: True)  # (stderr is captured: no terminal)
+    real_task = progress.ProgressTracker.task
+    monkeypatch.setattr(progress.ProgressTracker, "task",
+                        lambda self, name, total: bars.append((name, total, self.progress.live.transient))
+                        or real_task(self, name, total))
     folder = rgb_folder(tmp_path / "d", labelled=False)
     run = ["train", str(folder), "--out", str(tmp_path / "m"), "--steps", "1", "--width", "4", "--levels", "1"]
     with pytest.raises(SystemExit) as code:
         main(run + ["--cache-dir", str(tmp_path / "mine")])
-    assert code.value.code == 0 and "load DATA" in capsys.readouterr().err
+    assert code.value.code == 0 and ("load DATA", 10, True) in bars
     assert len(entries(tmp_path / "mine")) == 2 and entries(image_cache) == []
+    bars.clear()
     with pytest.raises(SystemExit):
         main(run + ["--cache-dir", "off", "--quiet"])
-    assert "load DATA" not in capsys.readouterr().err and entries(image_cache) == []
+    assert "load DATA" not in [name for name, _, _ in bars] and entries(image_cache) == []
