@@ -13,17 +13,20 @@ Dataset.labels, and Dataset.labels_problem says why there are none (only a condi
 
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from memaudit import imagecache
 from memaudit.errors import SettingError, UserError, first_lines
 from memaudit.resources import check_fits
 from memaudit.storage import ImageStore, float_budget, keep_as_bytes
@@ -36,6 +39,13 @@ ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # Memory a dataset of B bytes (float32) takes while a scan runs: the tensor, the neighbour index, and temporaries.
 WORKING_COPIES = 3
+# Threads that decode a folder's images (Pillow releases the GIL while it decodes); 1 = one by one.
+DECODE_WORKERS = min(8, os.cpu_count() or 1)
+VALUE_RANGE_FOR_ARRAYS = "--value-range applies to .npy/.npz arrays; image files carry their own bit depth"
+PROGRESS_STEPS = 200  # a one-thread load calls its progress callback about this many times, and at the end
+BATCH_ITEMS = 256  # images per task of a parallel load (at most; fewer when there are few)
+
+Progress = Callable[[int, int], None]  # progress(done, total): images decoded so far, of total
 
 
 @dataclass
@@ -81,8 +91,13 @@ def load_images(path: str | Path, resize: Optional[int] = None, channels: Option
 
 
 def load_dataset(path: str | Path, resize: Optional[int] = None, channels: Optional[int] = None,
-                 limit: Optional[int] = None, value_range: Optional[tuple[float, float]] = None) -> Dataset:
-    """Load a dataset; resize: square side to resize every image to (bilinear, antialiased); channels: 1 or 3."""
+                 limit: Optional[int] = None, value_range: Optional[tuple[float, float]] = None,
+                 progress: Optional[Progress] = None, cache_dir: "str | Path | None" = None,
+                 note: Optional[Callable[[str], None]] = None) -> Dataset:
+    """Load a dataset; resize: square side to resize every image to (bilinear, antialiased); channels: 1 or 3.
+    A folder is decoded by DECODE_WORKERS threads, in file order (progress(done, total) follows it), and its
+    pixels cached once under a hash of its files' contents: cache_dir (None: the default, 'off': no cache;
+    memaudit.imagecache.cache_dir); note(line) hears why a cache entry was not used or written."""
     path = Path(path)
     if channels not in (None, 1, 3):
         raise SettingError("channels", channels, "1 or 3")
@@ -93,7 +108,7 @@ def load_dataset(path: str | Path, resize: Optional[int] = None, channels: Optio
     if not path.exists():
         raise UserError(f"data not found: {path}")
     if path.is_dir():
-        dataset = _load_folder(path, resize, channels, limit, value_range)
+        dataset = _load_folder(path, resize, channels, limit, value_range, progress, cache_dir, note)
     elif path.suffix.lower() in (".npy", ".npz"):
         dataset = _load_array_file(path, resize, channels, limit, value_range)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
@@ -124,7 +139,10 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _load_folder(folder: Path, resize, channels, limit, value_range) -> Dataset:
+def _load_folder(folder: Path, resize, channels, limit, value_range, progress: Optional[Progress],
+                 cache_dir, note) -> Dataset:
+    """The folder's images, from the image cache when it holds them (memaudit.imagecache), else decoded (and
+    then cached)."""
     files = image_files(folder)
     if not files:
         arrays = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".npy", ".npz"))
@@ -132,10 +150,92 @@ def _load_folder(folder: Path, resize, channels, limit, value_range) -> Dataset:
         raise UserError(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
     if limit is not None:
         files = files[:limit]
+    if value_range is not None:
+        raise UserError(VALUE_RANGE_FOR_ARRAYS)
+    where = imagecache.cache_dir(cache_dir)
+    key = _cache_key(folder, files, resize, channels, limit, value_range) if where is not None else None
+    hit, problem = imagecache.load(where, key)
+    if problem:
+        _say(note, f"note: ignoring the image cache entry {where / key}: {problem}; decoding {folder} afresh")
+    if hit is not None:
+        pixels, meta = hit
+        shape = pixels.shape[1:] if meta["kind"] == "float" else (pixels.shape[3], *pixels.shape[1:3])
+        check_memory(len(pixels), shape, str(folder), resize, channels)
+        if progress is not None:
+            progress(len(files), len(files))
+    else:
+        pixels, kind, reading = _decode_folder(folder, files, resize, channels, value_range, progress)
+        meta = {"kind": kind, "reading": reading}
+        problem = imagecache.store(where, key, pixels, kind, reading)
+        if problem:
+            _say(note, f"warning: image cache not written ({problem}); {folder} will be decoded again next time")
+    return with_labels(pixels_dataset(pixels, meta["kind"], meta["reading"]), *folder_labels(folder, files))
+
+
+def _decode_folder(folder: Path, files: list[Path], resize, channels, value_range,
+                   progress: Optional[Progress]) -> tuple[np.ndarray, str, str]:
+    """_pil_pixels of the files, decoded on DECODE_WORKERS threads after a memory check on the first."""
     first = _open_image(files[0])
     check_memory(len(files), (len(first.getbands()), first.height, first.width), str(folder), resize, channels)
-    dataset = _stack_pil([first] + [_open_image(f) for f in files[1:]], resize, channels, value_range)
-    return with_labels(dataset, *folder_labels(folder, files))
+    images = [first] + ordered_map(_open_image, files[1:], progress, done=1, total=len(files))
+    return _pil_pixels(images, resize, channels, value_range)
+
+
+def _cache_key(folder: Path, files: list[Path], resize, channels, limit, value_range) -> Optional[str]:
+    """The image cache key of the folder's files with these load options (file hashes on DECODE_WORKERS
+    threads: hashlib releases the GIL), or None when a file cannot be read."""
+    import PIL
+
+    options = {"resize": resize, "channels": channels, "limit": limit, "value_range": value_range,
+               "pillow": PIL.__version__, "torch": torch.__version__.split("+")[0]}
+    return imagecache.content_key(folder, files, ordered_map(imagecache.file_digest, files), options)
+
+
+def _say(note: Optional[Callable[[str], None]], line: str) -> None:
+    """Give a line to `note`, or as a Python warning when there is none."""
+    if note is not None:
+        note(line)
+    else:
+        import warnings
+
+        warnings.warn(line, stacklevel=3)
+
+
+def ordered_map(fn: Callable, items: Sequence, progress: Optional[Progress] = None, done: int = 0,
+                total: Optional[int] = None) -> list:
+    """[fn(x) for x in items] on DECODE_WORKERS threads, results in item order; the first error in item order
+    is raised (as a serial loop would) and the work not started is cancelled.  Items go to the threads in
+    batches (a task per item costs more than decoding a small PNG); progress(done + i, total) is called after
+    each batch, in order, and after the last item."""
+    total = done + len(items) if total is None else total
+    workers = min(DECODE_WORKERS, len(items))
+    if progress is not None and not items:
+        progress(done, total)
+    if workers <= 1:
+        return _serial_map(fn, items, progress, done, total)
+    step = min(BATCH_ITEMS, max(1, len(items) // (4 * workers)))
+    batches = [items[i:i + step] for i in range(0, len(items), step)]
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memaudit-load")
+    try:
+        pending = [pool.submit(lambda batch: [fn(x) for x in batch], batch) for batch in batches]
+        results = []
+        for future in pending:
+            results.extend(future.result())
+            if progress is not None:
+                progress(done + len(results), total)
+        return results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _serial_map(fn: Callable, items: Sequence, progress: Optional[Progress], done: int, total: int) -> list:
+    """ordered_map on the calling thread (progress about PROGRESS_STEPS times)."""
+    every, results = max(1, total // PROGRESS_STEPS), []
+    for i, x in enumerate(items):
+        results.append(fn(x))
+        if progress is not None and ((done + i + 1) % every == 0 or i + 1 == len(items)):
+            progress(done + i + 1, total)
+    return results
 
 
 def with_labels(dataset: Dataset, labels: Optional[Tensor], names: Optional[list[str]], problem: str) -> Dataset:
@@ -189,8 +289,14 @@ def _pil_array(img: Image.Image, channels: int) -> np.ndarray:
 
 
 def _stack_pil(images: list[Image.Image], resize, channels, value_range) -> Dataset:
+    return pixels_dataset(*_pil_pixels(images, resize, channels, value_range))
+
+
+def _pil_pixels(images: list[Image.Image], resize, channels, value_range) -> tuple[np.ndarray, str, str]:
+    """(pixels, kind, reading): kind "bytes" = uint8 (N, H, W, C) of 8-bit images at their own size, "float" =
+    the float32 (N, C, H, W) values in [-1, 1] of resized or 16-bit images (memaudit.imagecache caches both)."""
     if value_range is not None:
-        raise UserError("--value-range applies to .npy/.npz arrays; image files carry their own bit depth")
+        raise UserError(VALUE_RANGE_FOR_ARRAYS)
     if channels is None:
         channels = 1 if all(img.mode in ("1", "L", "F") + SIXTEEN_BIT_MODES for img in images) else 3
     arrays = [_pil_array(img, channels) for img in images]
@@ -200,13 +306,25 @@ def _stack_pil(images: list[Image.Image], resize, channels, value_range) -> Data
     reading = "16-bit images [0, 65535] and 8-bit [0, 255]" if wide else "8-bit images [0, 255]"
     unit = (0.0, 1.0) if wide else None
     if resize is not None:  # one image at a time (sizes may differ), the same way arrays are resized
-        return Dataset(torch.cat([array_to_images(a[None], resize=resize, value_range=unit) for a in arrays]),
-                       reading)
+        return torch.cat([array_to_images(a[None], resize=resize, value_range=unit) for a in arrays]).numpy(), \
+            "float", reading
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         example = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
         raise UserError(f"images have different sizes ({example}); pass --resize N to resize them all")
-    return Dataset(array_to_images(np.stack(arrays), value_range=unit), reading)
+    if wide:
+        return array_to_images(np.stack(arrays), value_range=unit).numpy(), "float", reading
+    return np.stack(arrays), "bytes", reading
+
+
+def pixels_dataset(pixels: np.ndarray, kind: str, reading: str) -> Dataset:
+    """The Dataset of _pil_pixels' output (or a cached copy of it): 8-bit bytes as a float32 tensor, or as a
+    uint8 ImageStore over them when their float32 copy exceeds the float budget (memaudit.storage)."""
+    if kind == "float":
+        return Dataset(torch.from_numpy(pixels), reading)
+    dataset = array_to_dataset(pixels)
+    dataset.value_range = reading
+    return dataset
 
 
 def _check_magic(path: Path) -> None:

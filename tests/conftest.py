@@ -17,3 +17,13 @@ from digits import digits_dataset
 def digits32() -> torch.Tensor:
     """The first 32 scikit-learn digits as (32, 1, 8, 8) in [-1, 1] (real data shipped offline)."""
     return torch.from_numpy(digits_dataset(32).astype(np.float32) / 127.5 - 1.0)[:, None]
+
+
+@pytest.fixture(autouse=True)
+def image_cache(tmp_path_factory, monkeypatch):
+    """Every test caches decoded image folders in a fresh folder of its own (memaudit.imagecache), never in
+    ~/.cache: the cache runs in every test as it does for users, and no entry of one test can serve another.
+    (MEMAUDIT_IMAGE_CACHE comes before MEMAUDIT_CACHE, so tests that set the latter stay isolated too.)"""
+    folder = tmp_path_factory.mktemp("image-cache")
+    monkeypatch.setenv("MEMAUDIT_IMAGE_CACHE", str(folder))
+    return folder

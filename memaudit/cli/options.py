@@ -58,6 +58,10 @@ VALUE_RANGE = typer.Option(None, "--value-range", metavar="LO,HI",
                            help="What the extremes of a .npy/.npz array's values mean, e.g. 0,16 (needed when "
                                 "they are not [0, 1], [-1, 1] or [0, 255]).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+CACHE_DIR = typer.Option(None, "--cache-dir", metavar="DIR|off",
+                         help="Where decoded image folders are cached, keyed by their files' contents (default "
+                              "$MEMAUDIT_IMAGE_CACHE, else $MEMAUDIT_CACHE/images, else ~/.cache/memaudit/images); "
+                              "off: no cache.")
 
 
 def resolve_device(name: str) -> torch.device:

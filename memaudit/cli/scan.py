@@ -15,12 +15,13 @@ from memaudit.atomic import check_distinct_paths, check_writable
 from memaudit.cli import options as opt
 from memaudit.data import load_dataset, parse_value_range
 from memaudit.errors import UserError
+from memaudit.imagecache import OFF
 from memaudit.gates import check_gate_metrics, exit_code, parse_gates
 from memaudit.indexes import is_approximate
 from memaudit.latent_scan import run_latent_scan
 from memaudit.metrics import summary_keys
 from memaudit.models.latent import is_latent
-from memaudit.progress import progress_tracker
+from memaudit.progress import data_loading, progress_tracker
 from memaudit.report import attach_gates, print_summary, write_html, write_json, write_junit
 from memaudit.report.html import check_html_folder
 from memaudit.scan import ScanConfig, dry_run as plan_scan, run_scan
@@ -28,9 +29,12 @@ from memaudit.scan import ScanConfig, dry_run as plan_scan, run_scan
 DEFAULTS = ScanConfig()
 
 
-def default_workdir() -> Path:
-    """Where interrupted scans keep their samples: $MEMAUDIT_CACHE or $XDG_CACHE_HOME/memaudit/scans."""
+def default_workdir() -> Optional[Path]:
+    """Where interrupted scans keep their samples: $MEMAUDIT_CACHE or $XDG_CACHE_HOME/memaudit/scans; None
+    (no resume) for MEMAUDIT_CACHE=off, which also turns the image cache off (memaudit.imagecache)."""
     if os.environ.get("MEMAUDIT_CACHE"):
+        if os.environ["MEMAUDIT_CACHE"].strip().lower() in OFF:
+            return None
         return Path(os.environ["MEMAUDIT_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "memaudit" / "scans"
@@ -95,6 +99,7 @@ def scan(
     device: str = opt.DEVICE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each phase's predicted FLOPs, memory and seconds "
                                  "(from this machine's measured rates) and stop: nothing is sampled."),
+    cache_dir: Optional[str] = opt.CACHE_DIR,
     quiet: bool = opt.QUIET,
 ) -> int:
     """Audit MODEL for memorization of the training images DATA."""
@@ -117,8 +122,9 @@ def scan(
                          outputs={"--json": json_out, "--junit": junit_out, "--html": html_out})
     check_outputs(json_out, html_out, junit_out)  # now, not after a long scan
     dev = opt.resolve_device(device)
-    dataset = load_dataset(data, resize=resize, channels=channels, limit=limit,
-                           value_range=parse_value_range(value_range))
+    with data_loading("load DATA", quiet) as reporting:
+        dataset = load_dataset(data, resize=resize, channels=channels, limit=limit,
+                               value_range=parse_value_range(value_range), cache_dir=cache_dir, **reporting)
     train = dataset.data  # a float32 tensor, or a uint8 ImageStore for a large 8-bit set (memaudit.storage)
     if train.shape[0] < 2:
         raise UserError(f"{data} holds {train.shape[0]} image; the NN ratio needs at least 2 training images")
@@ -132,8 +138,9 @@ def scan(
                  "value_range": dataset.value_range}
     held = None
     if holdout is not None:
-        held = load_dataset(holdout, resize=resize, channels=channels,
-                            value_range=parse_value_range(value_range)).images
+        with data_loading("load --holdout", quiet) as reporting:
+            held = load_dataset(holdout, resize=resize, channels=channels, value_range=parse_value_range(value_range),
+                                cache_dir=cache_dir, **reporting).images
         data_info["holdout"] = {"path": str(holdout), "num_images": int(held.shape[0])}
     if dry_run:
         if is_latent(denoiser):
@@ -185,6 +192,8 @@ def work_folder(workdir: Optional[Path], quiet: bool) -> Optional[Path]:
         check_writable(workdir, folder=True)
         return workdir
     root = default_workdir()
+    if root is None:
+        return None
     try:
         check_writable(root, folder=True)
     except UserError as exc:

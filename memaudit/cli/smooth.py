@@ -18,14 +18,14 @@ from rich.table import Table
 
 from memaudit.atomic import check_distinct_paths
 from memaudit.cli import options as opt
-from memaudit.data import load_images
+from memaudit.data import load_dataset
 from memaudit.errors import SettingError, UserError
 from memaudit.finetune import finetune
 from memaudit.metrics.fid import fid_proxy
 from memaudit.models.latent import is_latent
 from memaudit.models.native import is_native
 from memaudit.numbers import fmt
-from memaudit.progress import ProgressTracker, progress_tracker
+from memaudit.progress import ProgressTracker, data_loading, progress_tracker
 from memaudit.scan import ScanConfig, run_scan
 from memaudit.smoothing.kernel import DEFAULT_SAMPLES
 from memaudit.smoothing.targets import SmoothingConfig
@@ -96,6 +96,7 @@ def smooth(
     channels: Optional[int] = opt.CHANNELS,
     seed: int = opt.SEED,
     device: str = opt.DEVICE,
+    cache_dir: Optional[str] = opt.CACHE_DIR,
     quiet: bool = opt.QUIET,
 ) -> None:
     """Fine-tune MODEL so it memorizes DATA less, then compare before and after (docs/smoothing.md).
@@ -121,8 +122,12 @@ def smooth(
         raise SettingError("num_samples", samples, ">= 1")
     check_distinct_paths(inputs={"MODEL": model, "DATA": data, "--holdout": holdout}, outputs={"--out": out})
     dev = opt.resolve_device(device)
-    images = load_images(data, resize=resize, channels=channels).to(dev)
-    held_out = load_images(holdout, resize=resize, channels=channels) if holdout is not None else None
+    with data_loading("load DATA", quiet) as reporting:
+        images = load_dataset(data, resize=resize, channels=channels, cache_dir=cache_dir, **reporting).images.to(dev)
+    held_out = None
+    if holdout is not None:
+        with data_loading("load --holdout", quiet) as reporting:
+            held_out = load_dataset(holdout, resize=resize, channels=channels, cache_dir=cache_dir, **reporting).images
     if compare and images.shape[0] < 2:
         raise UserError(f"{data} holds 1 image; the comparison scan needs at least 2 (or pass --no-compare)")
     loader = dict(param=param, schedule=schedule, factory=factory, trust_pickle=trust_pickle, sigma_min=sigma_min,

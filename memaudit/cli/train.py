@@ -11,13 +11,13 @@ from rich.console import Console
 
 from memaudit.atomic import check_distinct_paths
 from memaudit.cli import smooth as smoothing_options
-from memaudit.cli.options import CHANNELS, DEVICE, QUIET, RESIZE, SEED, resolve_device
+from memaudit.cli.options import CACHE_DIR, CHANNELS, DEVICE, QUIET, RESIZE, SEED, resolve_device
 from memaudit.data import Dataset, load_dataset
 from memaudit.errors import UserError
 from memaudit.finetune import history_entry, prepare
 from memaudit.models.native import check_output_folder, is_native, make_unet_denoiser
 from memaudit.smoothing.targets import SmoothingConfig, make_target
-from memaudit.progress import progress_tracker
+from memaudit.progress import data_loading, progress_tracker
 from memaudit.training import TrainConfig, fit
 
 
@@ -50,6 +50,7 @@ def train(
     channels: Optional[int] = CHANNELS,
     seed: int = SEED,
     device: str = DEVICE,
+    cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
 ) -> None:
     """Train the built-in UNet denoiser on DATA (EDM loss; a smoothed target with --temperature or --kernel, no
@@ -59,7 +60,8 @@ def train(
                                 denominator=denominator, kernel=kernel, kernel_samples=kernel_samples,
                                 uncondition=uncondition)
     smoothing.validate()
-    dataset = load_dataset(data, resize=resize, channels=channels, limit=limit)
+    with data_loading("load DATA", quiet) as reporting:
+        dataset = load_dataset(data, resize=resize, channels=channels, limit=limit, cache_dir=cache_dir, **reporting)
     images = dataset.images.to(dev)
     labels, classes = training_labels(dataset, class_conditional, smoothing.action)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema, seed=seed,
