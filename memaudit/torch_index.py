@@ -88,12 +88,14 @@ class TorchIndex:
                 "candidates": "k + %d" % CANDIDATE_MARGIN if self.approximate else "k"}
 
     def query_batch(self) -> int:
-        """Query rows per batch: their (rows, CHUNK) logits within MEMORY_SHARE of free device memory."""
+        """Query rows per batch: their (rows, CHUNK) logits within MEMORY_SHARE of free device memory, and their
+        float64 copy in the re-check within a chunk's bytes (memaudit.storage.rows_per_chunk)."""
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
         else:
             free = 1 << 30
-        return int(max(1, min(4096, MEMORY_SHARE * free // (4 * 3 * min(self.chunk, self.num_points)))))
+        logits = MEMORY_SHARE * free // (4 * 3 * min(self.chunk, self.num_points))
+        return int(max(1, min(rows_per_chunk(self.dim, 4096, 8), logits)))  # and the float64 re-check's copy
 
     def search(self, queries: Tensor, k: int, batch_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """k nearest points per query: exact distances ascending, shapes (N, k) float32 and (N, k) long, CPU."""

@@ -26,7 +26,7 @@ from memaudit.numbers import finite_or_none, fmt
 
 FID_MODES = ("auto", "clean-fid", "proxy", "off")
 MAX_PCA_FIT = 5000
-FIT_BYTES = 256 * 2**20  # the PCA fit's images, held as float32: fewer than MAX_PCA_FIT for large images
+FIT_BYTES = 64 * 2**20  # the PCA fit's images, held as float32: fewer than MAX_PCA_FIT for large images
 PROJECT_ROWS = 4096  # training images projected at a time (a float64 copy of all of them would be 2x the set)
 
 
