@@ -16,10 +16,12 @@ import torch
 from torch import Tensor
 
 from memaudit.neighbors import NeighborIndex
+from memaudit.pca import MAX_PCA_FIT, pca_basis
 from memaudit.storage import rows_per_chunk
 
 DEFAULT_TOLERANCE = 0.05
 QUERY_ROWS = 4096  # at most; fewer for large images (memaudit.storage.rows_per_chunk)
+PROJECTION_DIMS = 64  # the all-pairs prefilter of images with more than 2x this many values (may_have_partner)
 
 
 @dataclass
@@ -92,14 +94,51 @@ def find_duplicates(index: NeighborIndex, tolerance: float = DEFAULT_TOLERANCE) 
     """
     radius = float(tolerance) * rms_pair_distance(index)
     uf = _UnionFind(index.num_points)
+    maybe = may_have_partner(index, radius)
     rows = rows_per_chunk(index.dim, QUERY_ROWS)
     for start in range(0, index.num_points, rows):
-        queries = index.points(start, min(start + rows, index.num_points))
+        stop = min(start + rows, index.num_points)
+        ids = np.flatnonzero(maybe[start:stop])
+        if not len(ids):
+            continue
+        queries = index.points(start, stop)[ids]
         for i, j in index.pairs_within(queries, radius):
-            if start + i != j:
-                uf.union(start + i, int(j))
+            if start + ids[i] != j:
+                uf.union(start + int(ids[i]), int(j))
     labels = np.array([uf.find(i) for i in range(index.num_points)], dtype=np.int64)
     return Duplicates(labels, float(tolerance), radius)
+
+
+def may_have_partner(index: NeighborIndex, radius: float) -> np.ndarray:
+    """Boolean per point: whether another point may lie within `radius`. For d > 2 PROJECTION_DIMS, points whose
+    projections on the top PROJECTION_DIMS principal directions (orthonormal: a projection never lengthens a
+    distance) have no other projection within the radius (padded for rounding) are ruled out; only the rest are
+    searched in full, so the all-pairs pass runs in PROJECTION_DIMS dimensions, not d. Every point otherwise."""
+    if index.dim <= 2 * PROJECTION_DIMS or index.num_points < 2:
+        return np.ones(index.num_points, dtype=bool)
+    projected = principal_projection(index).double()
+    sq = (projected ** 2).sum(1)
+    padded = (radius * 1.02) ** 2 + 1e-5 * (1.0 + float(sq.max()))
+    out = np.zeros(index.num_points, dtype=bool)
+    step = rows_per_chunk(index.num_points, QUERY_ROWS, 8)  # each block's (rows, M) distances in one chunk
+    for start in range(0, index.num_points, step):
+        q = projected[start:start + step]
+        d2 = sq[start:start + step, None] - 2 * (q @ projected.T) + sq[None, :]
+        d2[torch.arange(q.shape[0]), torch.arange(start, start + q.shape[0])] = float("inf")  # not itself
+        out[start:start + q.shape[0]] = (d2 <= padded).any(1).numpy()
+    return out
+
+
+def principal_projection(index: NeighborIndex) -> Tensor:
+    """The points' coordinates (M, PROJECTION_DIMS) on the top principal directions of an evenly spaced sample
+    of them (memaudit.pca), float32, computed chunk by chunk."""
+    fit = np.unique(np.linspace(0, index.num_points - 1, min(index.num_points, MAX_PCA_FIT)).round().astype(int))
+    sample = torch.from_numpy(np.stack([index.points(int(i), int(i) + 1)[0] for i in fit]))
+    mean, basis = pca_basis(sample, PROJECTION_DIMS)
+    basis = torch.linalg.qr(basis).Q  # orthonormal to float64 precision, whatever the fit's small eigenvalues
+    rows = rows_per_chunk(index.dim, QUERY_ROWS, 8)
+    return torch.cat([((torch.from_numpy(index.points(a, min(a + rows, index.num_points))).double() - mean) @ basis)
+                      .float() for a in range(0, index.num_points, rows)])
 
 
 def distinct_second(dist: Tensor, idx: Tensor, labels: np.ndarray) -> tuple[Tensor, Tensor]:

@@ -77,7 +77,7 @@ class Calibration(Metric):
                                          else len(rr), len(rr))
         train_emb = embed(ctx.train, ctx.features).numpy()
         base = c_t(train_emb, emb[half:].numpy(), emb[:half].numpy(), seed=ctx.config.seed) if half else None
-        nn_dist = train_neighbour_distance(ctx)
+        nn_dist = train_neighbour_distance(ctx, held.nearest.numpy())
         auth = authentic(held.d1.numpy(), held.nearest.numpy(), nn_dist)
         return {"calibrated": True, "threshold": threshold, "target_fpr": fpr, "num_holdout": n,
                 **{k.replace("memorized", "fpr"): v for k, v in

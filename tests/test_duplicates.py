@@ -1,0 +1,69 @@
+"""Near-duplicate clusters with the projection prefilter (memaudit.duplicates.may_have_partner): for images of
+more than 2 x PROJECTION_DIMS values, the clusters equal those of a brute-force numpy all-pairs search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memaudit.duplicates import PROJECTION_DIMS, find_duplicates, may_have_partner, rms_pair_distance
+from memaudit.neighbors import NeighborIndex
+from memaudit.torch_index import TorchIndex
+
+
+def brute_force_labels(points: np.ndarray, radius: float) -> np.ndarray:
+    """Connected components of ||a - b|| <= radius (float64, all pairs), labelled by their smallest member."""
+    x = points.astype(np.float64)
+    d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0))
+    labels = np.arange(len(x))
+    changed = True
+    while changed:  # propagate the smallest label over edges until stable
+        neighbour_min = np.where(d <= radius, labels[None, :], len(x)).min(1)
+        new = np.minimum(labels, neighbour_min)
+        changed = bool((new != labels).any())
+        labels = new
+    return labels
+
+
+def planted(seed: int, dim: int) -> torch.Tensor:
+    """Correlated images (a few strong directions plus noise) with exact copies, near copies, a chain of near
+    copies and a pair just outside the radius planted in them."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(300, 8)) @ rng.normal(size=(8, dim)) + 0.3 * rng.normal(size=(300, dim))
+    base[10] = base[3]  # exact copy
+    base[20] = base[5] + 0.001 * rng.normal(size=dim)  # near copy
+    base[30] = base[20] + 0.001 * rng.normal(size=dim)  # chain: 5 - 20 - 30
+    return torch.from_numpy(base.astype(np.float32))
+
+
+@pytest.mark.parametrize("make_index", [NeighborIndex, TorchIndex])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prefiltered_clusters_equal_brute_force(make_index, seed):
+    points = planted(seed, 3 * PROJECTION_DIMS)
+    index = make_index(points)
+    dup = find_duplicates(index, 0.05)
+    expected = brute_force_labels(points.numpy(), dup.radius)
+    assert np.array_equal(dup.labels, expected)
+    assert dup.labels[10] == 3 and dup.labels[20] == dup.labels[30] == 5
+
+
+def test_prefilter_never_rules_out_a_true_pair_and_rules_out_most_others():
+    points = planted(2, 4 * PROJECTION_DIMS)
+    index = NeighborIndex(points)
+    radius = 0.05 * rms_pair_distance(index)
+    maybe = may_have_partner(index, radius)
+    truth = brute_force_labels(points.numpy(), radius)
+    in_pairs = np.bincount(truth)[truth] > 1
+    assert maybe[in_pairs].all()
+    assert maybe.sum() <= in_pairs.sum() + 5  # the rest are ruled out without a full-dimension search
+
+
+def test_a_pair_just_outside_the_radius_is_not_merged():
+    points = planted(3, 3 * PROJECTION_DIMS)
+    index = NeighborIndex(points)
+    radius = 0.05 * rms_pair_distance(index)
+    direction = np.random.default_rng(4).normal(size=points.shape[1])
+    points[40] = points[7] + torch.from_numpy((1.001 * radius * direction / np.linalg.norm(direction)).astype(np.float32))
+    dup = find_duplicates(NeighborIndex(points), 0.05)
+    assert np.array_equal(dup.labels, brute_force_labels(points.numpy(), dup.radius))
