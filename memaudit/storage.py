@@ -22,6 +22,9 @@ CHUNK_BYTES = 64 * 2**20  # a float32 chunk of training rows never takes more th
 BYTE_SCALE = 127.5  # x = u / 127.5 - 1: memaudit.data's reading of uint8 [0, 255]
 
 
+_SHARED: dict = {}  # device -> the float32 conversion buffer ImageStore.shared_buffer lends
+
+
 def rows_per_chunk(dim: int, cap: int, bytes_per_value: int = 4) -> int:
     """Training rows per chunk: at most `cap`, and at most CHUNK_BYTES of them (256x256x3 images: 85 rows)."""
     return int(max(1, min(cap, CHUNK_BYTES // max(1, bytes_per_value * dim))))
@@ -96,6 +99,18 @@ class ImageStore:
         flat = block.reshape(block.shape[0], -1) if block.is_contiguous() else \
             block.contiguous().reshape(block.shape[0], -1)
         return self._float(flat, out)
+
+    def shared_buffer(self, rows: int) -> Optional[Tensor]:
+        """A float32 buffer for `rows` rows, one per device shared by every caller (the tile indexes of a scan
+        each kept their own: 16 chunk-sized buffers); None for a float32 store. Only for rows consumed before
+        the next call of any user."""
+        if not self.is_bytes:
+            return None
+        need = rows * self.dim
+        held = _SHARED.get(self.device)
+        if held is None or held.numel() < need:
+            _SHARED[self.device] = held = torch.empty(need, dtype=torch.float32, device=self.device)
+        return held
 
     def buffer(self, rows: int) -> Optional[Tensor]:
         """A float32 buffer for `rows` rows (None for a float32 store, whose rows are views)."""

@@ -58,14 +58,13 @@ class TorchIndex:
         self._force_fp32 = False
 
     def _rows(self, start: int, stop: int, reuse: bool = False) -> Tensor:
-        """Rows start:stop (reuse: converted into one buffer that the next call overwrites)."""
+        """Rows start:stop (reuse: converted into the store's shared buffer, which the next call of any index
+        overwrites)."""
         if self.flat is not None:
             return self.flat[start:stop]
         if not reuse:
             return self.store.rows(start, stop)
-        if getattr(self, "_buffer", None) is None:
-            self._buffer = self.store.buffer(self.chunk)
-        return self.store.rows(start, stop, out=self._buffer)
+        return self.store.rows(start, stop, out=self.store.shared_buffer(stop - start))
 
     def _gather(self, idx: Tensor) -> Tensor:
         return self.flat[idx] if self.flat is not None else self.store.gather_rows(idx)
