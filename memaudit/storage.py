@@ -2,8 +2,8 @@
 
 A scan reads the training images through an ImageStore: the empirical denoiser's GEMMs, the neighbour search
 (memaudit.torch_index) and the metrics' gathers all take float32 rows from it, so no second copy is made.  A set
-whose float32 copy fits in the float budget (MEMAUDIT_FLOAT_BUDGET bytes, 1 GiB by default, halved: the
-neighbour index takes one more) is held as float32, as it always was; a larger 8-bit set stays uint8 (4x
+whose float32 copy fits in the float budget (MEMAUDIT_FLOAT_BUDGET bytes, 128 MiB by default, halved:
+the neighbour index takes one more) is held as float32, as it always was; a larger 8-bit set stays uint8 (4x
 smaller, e.g. a memory-mapped .npy) and each chunk is converted when read, with the same float32 operations the
 loader uses, so its values are bit-identical to the float32 copy's.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DEFAULT_FLOAT_BUDGET = 1 << 30
+DEFAULT_FLOAT_BUDGET = 128 << 20  # a float32 path holds ~5 copies (index, DiffMemorize, tiles): +1 GB at most
 CHUNK_BYTES = 64 * 2**20  # a float32 chunk of training rows never takes more than this
 BYTE_SCALE = 127.5  # x = u / 127.5 - 1: memaudit.data's reading of uint8 [0, 255]
 
@@ -31,7 +31,7 @@ def rows_per_chunk(dim: int, cap: int, bytes_per_value: int = 4) -> int:
 
 
 def float_budget() -> int:
-    """Bytes a scan may spend on float32 copies of the training set (MEMAUDIT_FLOAT_BUDGET, default 1 GiB)."""
+    """Bytes a scan may spend on float32 copies of the training set (MEMAUDIT_FLOAT_BUDGET, default 128 MiB)."""
     try:
         return max(0, int(float(os.environ.get("MEMAUDIT_FLOAT_BUDGET", DEFAULT_FLOAT_BUDGET))))
     except ValueError:

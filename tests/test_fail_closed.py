@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import memaudit.scan as audit
+import memaudit.storage
 from memaudit.models.native import CONFIG_NAME, load_native, make_unet_denoiser, save_native
 from memaudit.models.schedules import make_schedule
 from memaudit.models.adapters import NetworkDenoiser
@@ -546,10 +547,11 @@ def test_19_each_batch_is_written_once(tmp_path, monkeypatch):
 
 def test_20_a_dataset_too_large_for_memory_is_refused_before_loading(capsys, tmp_path, monkeypatch):
     np.savez_compressed(tmp_path / "zeros.npz", images=np.zeros((20000, 256, 256), dtype=np.uint8))
-    # 1.2 GiB of bytes: held as uint8 (memaudit.storage) it needs the bytes + the 1 GiB float budget, 2.2 GiB
+    # 1.2 GiB of bytes: held as uint8 (memaudit.storage) it needs the bytes + the float budget
     monkeypatch.setattr("memaudit.resources.available_memory", lambda: 1 * 1024**3)
+    needed = (20000 * 256 * 256 + memaudit.storage.DEFAULT_FLOAT_BUDGET) / 1024**3
     monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("the array was read"))
-    one_line(*run_cli(capsys, "scan", MODEL, tmp_path / "zeros.npz", *QUICK)[::2], "needs about 2.2 GB",
+    one_line(*run_cli(capsys, "scan", MODEL, tmp_path / "zeros.npz", *QUICK)[::2], f"needs about {needed:.1f} GB",
              "held as uint8", "--limit")
 
 
