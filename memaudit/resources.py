@@ -31,3 +31,25 @@ def check_fits(needed: float, what: str, hint: str, available: Optional[int] = N
     if free is not None and needed > free:
         raise UserError(f"{what} needs about {needed / GIB:.1f} GB of memory, more than the {free / GIB:.1f} GB "
                         f"available; {hint}")
+
+
+def _libc():
+    """glibc, or None (another C library, or no ctypes): what return_freed_memory needs."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except (OSError, ImportError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by the last phase back to the system (glibc malloc_trim): without it a freed chunk
+    stays resident and the next phase's peak stacks on it (128x128x3, M = 2000: 1.06 -> 0.78 GiB between
+    metrics). A no-op elsewhere."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

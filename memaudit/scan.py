@@ -35,7 +35,7 @@ from memaudit.metrics.fid import FID_MODES
 from memaudit.metrics.nn_ratio import training_index
 from memaudit.neighbors import NeighborIndex
 from memaudit.report.schema import build_report
-from memaudit.resources import check_fits
+from memaudit.resources import check_fits, return_freed_memory
 from memaudit.sampling import (DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, DEFAULT_STEPS, Batch, BatchPlan, SamplerConfig,
                                check_sampler, rerun_rows, resumed_problem, sample)
 from memaudit.workdir import SampleStore
@@ -169,6 +169,21 @@ def trajectory_rows(config: ScanConfig, image_shape: Sequence[int]) -> int:
     return max(0, min(config.trajectory_samples, TRAJECTORY_BYTES // per_sample))
 
 
+def trimming(task: TaskFactory) -> TaskFactory:
+    """The task factory, each new phase first returning the memory the last one freed (resources)."""
+    def start(description: str, total: int):
+        return_freed_memory()
+        return task(description, total)
+
+    return start
+
+
+def compute_run_metric(metric, ctx: ScanContext, run: RunData):
+    """One run metric's section, after returning what the previous metric freed (its peak does not stack)."""
+    return_freed_memory()
+    return metric.compute(ctx, run)
+
+
 def check_sampling_memory(config: ScanConfig, image_shape: Sequence[int]) -> None:
     """UserError before sampling when the samples, or one batch's working memory, cannot fit in memory."""
     size = 4.0 * math.prod(image_shape)
@@ -270,7 +285,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
                         f"{tuple(train.shape[1:])}: they must match")
     if holdout is not None and holdout.shape[0] < 2:
         raise UserError(f"--holdout holds {holdout.shape[0]} image; calibration needs at least 2")
-    task = task or (lambda description, total: (lambda done, info="": None))
+    task = trimming(task or (lambda description, total: (lambda done, info="": None)))
     note = note or (lambda message: None)
     config = without_unconditional_metrics(config, note) if plan else config
     check_sampling_memory(config, model.image_shape)
@@ -299,7 +314,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
             sample_run(model, sampler, config, store, resume, task, note, record, ctx.empirical.nearest_distance)
         ctx.runs[sampler] = RunData(sampler, run.samples, run.trajectories, labels=run.labels)
         advance = task(f"metrics {sampler}", 1)
-        runs[sampler] = {m.name: m.compute(ctx, ctx.runs[sampler]) for m in METRICS
+        runs[sampler] = {m.name: compute_run_metric(m, ctx, ctx.runs[sampler]) for m in METRICS
                          if m.scope == RUN and config.computes(m)}
         advance(1)
         resumed[sampler] = {"resumed_samples": run.resumed, "spot_checked": run.checked}
