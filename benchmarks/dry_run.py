@@ -37,7 +37,7 @@ def compare(model_spec: str, data: str, samples: int) -> bool:
     for line in lines[2:-2]:
 
         predicted[line[:28].strip()] = float(line.split()[-2])
-    measured, total = timed_scan(model_spec, data, config)
+    measured, total, _ = timed_scan(model_spec, data, config)
     measured["setup (index, duplicates)"] = measured.pop("setup")
     print(f"\n{model_spec} on {data}: {train.shape[0]} images of {'x'.join(map(str, train.shape[1:]))}, "
           f"{samples} samples per sampler")
