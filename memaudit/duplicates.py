@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from memaudit.neighbors import NeighborIndex
-from memaudit.pca import MAX_PCA_FIT, pca_basis
+from memaudit.pca import FIT_BYTES, MAX_PCA_FIT, pca_basis
 from memaudit.storage import rows_per_chunk
 
 DEFAULT_TOLERANCE = 0.05
@@ -131,8 +131,9 @@ def may_have_partner(index: NeighborIndex, radius: float) -> np.ndarray:
 
 def principal_projection(index: NeighborIndex) -> Tensor:
     """The points' coordinates (M, PROJECTION_DIMS) on the top principal directions of an evenly spaced sample
-    of them (memaudit.pca), float32, computed chunk by chunk."""
-    fit = np.unique(np.linspace(0, index.num_points - 1, min(index.num_points, MAX_PCA_FIT)).round().astype(int))
+    of them (at most FIT_BYTES of float32, memaudit.pca), float32, computed chunk by chunk."""
+    count = min(index.num_points, MAX_PCA_FIT, max(PROJECTION_DIMS + 1, FIT_BYTES // (4 * index.dim)))
+    fit = np.unique(np.linspace(0, index.num_points - 1, count).round().astype(int))
     sample = torch.from_numpy(np.stack([index.points(int(i), int(i) + 1)[0] for i in fit]))
     mean, basis = pca_basis(sample, PROJECTION_DIMS)
     basis = torch.linalg.qr(basis).Q  # orthonormal to float64 precision, whatever the fit's small eigenvalues

@@ -17,10 +17,11 @@ MAX_PCA_FIT = 5000
 FIT_BYTES = 64 * 2**20  # the PCA fit's images, held as float32: fewer than MAX_PCA_FIT for large images
 
 
-def eigh(c: Tensor) -> tuple[Tensor, Tensor]:
+def eigh(c: Tensor, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """eigh of the symmetric part of c; for a degenerate matrix eigh may not converge (repeated eigenvalues of
-    duplicated images): then retried with a ridge of 1e-12 x the mean diagonal, then by SVD (c is PSD)."""
-    sym = (c + c.T) / 2
+    duplicated images): then retried with a ridge of 1e-12 x the mean diagonal, then by SVD (c is PSD).
+    overwrite: c itself is symmetrised (one d x d copy fewer)."""
+    sym = c.add_(c.T.clone()).mul_(0.5) if overwrite else (c + c.T) / 2
     try:
         return torch.linalg.eigh(sym)
     except torch.linalg.LinAlgError:
@@ -50,10 +51,12 @@ def pca_basis(train: Tensor, dims: int = 64, max_fit: int = MAX_PCA_FIT) -> tupl
     if gram:
         cols = list(_chunks(d, rows_per_chunk(n, d, 8)))  # column blocks of Xc, each as float64
         centred = lambda a, b: flat[:, a:b].double() - mean[a:b]  # noqa: E731
-        vals, vecs = eigh(sum(x @ x.T for x in (centred(a, b) for a, b in cols)))
+        vals, vecs = eigh(_sum_of_products((centred(a, b) for a, b in cols), n, gram=True), overwrite=True)
     else:
-        centred = lambda a, b: flat[a:b].double() - mean  # noqa: E731
-        vals, vecs = eigh(sum(x.T @ x for x in (centred(a, b) for a, b in _chunks(n, rows_per_chunk(d, n, 8)))))
+        blocks = (flat[a:b].double() - mean for a, b in _chunks(n, rows_per_chunk(d, n, 8)))
+        cov = _sum_of_products(blocks, d, gram=False)
+        flat = blocks = None  # the fit images are not needed for the eigenvectors of the covariance
+        vals, vecs = eigh(cov, overwrite=True)
     rank = int((vals > 1e-10 * vals.max().clamp_min(1e-300)).sum())
     r = max(1, min(dims, n - 1, d, rank))
     if gram:
@@ -62,6 +65,16 @@ def pca_basis(train: Tensor, dims: int = 64, max_fit: int = MAX_PCA_FIT) -> tupl
     else:
         basis = vecs[:, -r:]
     return mean, basis.flip(1)
+
+
+def _sum_of_products(blocks, size: int, gram: bool) -> Tensor:
+    """sum of x x^T (gram) or x^T x over float64 blocks x, accumulated in place into one (size, size) matrix."""
+    out = None
+    for x in blocks:
+        if out is None:
+            out = torch.zeros((size, size), dtype=torch.float64, device=x.device)
+        out.addmm_(x, x.T) if gram else out.addmm_(x.T, x)
+    return out
 
 
 def _chunks(total: int, step: int):
