@@ -45,7 +45,7 @@ TaskFactory = Callable[[str, int], Callable[..., None]]
 # note(message): a line the user should see (resume decisions, duplicate warnings); ignored by default
 NoteFn = Callable[[str], None]
 
-TRAJECTORY_BYTES = 256 * 1024**2  # recorded trajectories (x and D(x) per step) are kept within this budget
+TRAJECTORY_BYTES = 128 * 1024**2  # recorded trajectories (x and D(x) per step) are kept within this budget
 SPOT_CHECK_ROWS = 2  # saved samples re-drawn before a resume is trusted
 SPOT_CHECK_RMS = 1e-3  # largest RMS difference (in [-1, 1] pixel units) a re-drawn sample may show
 SAMPLE_MEMORY_FACTOR = 8  # working memory of one sampling batch, in copies of the batch

@@ -47,8 +47,7 @@ class TorchIndex:
         self.num_points = points.shape[0]
         self.dim = int(np.prod(points.shape[1:]))
         self.chunk = rows_per_chunk(self.dim, CHUNK)
-        self.sq_norms = torch.cat([(self._rows(a, min(a + self.chunk, self.num_points)).double() ** 2).sum(1).float()
-                                   for a in range(0, self.num_points, self.chunk)])
+        self.sq_norms = self._squared_norms()
         self.dtype_name = dtype
         self.low = DTYPES[dtype] if dtype != "fp32" else None
         if self.low is not None and self.flat is None:
@@ -56,6 +55,16 @@ class TorchIndex:
                             "(set MEMAUDIT_FLOAT_BUDGET higher, or use --index torch)")
         self.low_points = self.flat.to(self.low) if self.low is not None else None
         self._force_fp32 = False
+
+    def _squared_norms(self) -> Tensor:
+        """||p||^2 of every point, each summed in float64 (then float32), a quarter chunk at a time (a float64
+        square of a whole chunk is 4x its bytes)."""
+        step = rows_per_chunk(self.dim, self.chunk, 16)
+        out = []
+        for a in range(0, self.num_points, step):
+            rows = self._rows(a, min(a + step, self.num_points), reuse=True)
+            out.append((rows.double() ** 2).sum(1).float())
+        return torch.cat(out)
 
     def _rows(self, start: int, stop: int, reuse: bool = False) -> Tensor:
         """Rows start:stop (reuse: converted into the store's shared buffer, which the next call of any index

@@ -38,8 +38,9 @@ def _sha256(data: bytes) -> str:
 def _trajectory_payload(t: Optional[Trajectory]) -> Optional[dict]:
     if t is None:
         return None
-    return {"sigmas": torch.tensor(t.sigmas, dtype=torch.float64), "xs": torch.stack(t.xs),
-            "denoised": torch.stack(t.denoised), "rows": -1 if t.rows is None else int(t.rows)}
+    # the per-step tensors as lists: stacking them would copy the trajectory (up to 256 MiB) once more
+    return {"sigmas": torch.tensor(t.sigmas, dtype=torch.float64), "xs": list(t.xs),
+            "denoised": list(t.denoised), "rows": -1 if t.rows is None else int(t.rows)}
 
 
 def _trajectory(payload: Optional[dict]) -> Optional[Trajectory]:
@@ -77,11 +78,13 @@ class SampleStore:
         torch.save({"samples": batch.samples, "generator_before": batch.generator_before,
                     "generator_after": batch.generator_after,
                     "trajectory": _trajectory_payload(batch.trajectory)}, buffer)
-        data = buffer.getvalue()
+        data = buffer.getbuffer()  # a view: no second copy of the batch's bytes
         with atomic_path(self.folder / name) as tmp:
-            tmp.write_bytes(data)  # a plain write: disk full is an OSError (torch.save's is not)
+            with open(tmp, "wb") as fh:
+                fh.write(data)  # a plain write: disk full is an OSError (torch.save's is not)
         entries = self._entries.get(sampler, [])[:index] + [{"file": name, "size": int(batch.samples.shape[0]),
                                                      "sha256": _sha256(data)}]
+        del data
         manifest = {"version": MANIFEST_VERSION, "tag": self.tag, "sampler": sampler, "batches": entries}
         write_text_atomic(self.manifest_path(sampler), json.dumps(manifest, indent=1) + "\n")
         self._entries[sampler] = entries
