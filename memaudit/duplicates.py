@@ -10,6 +10,7 @@ d2 to the nearest image of another cluster instead (Carlini et al. 2023 deduplic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -86,7 +87,8 @@ class _UnionFind:
             self.parent[max(a, b)] = min(a, b)  # the root is always the smallest index
 
 
-def find_duplicates(index: NeighborIndex, tolerance: float = DEFAULT_TOLERANCE) -> Duplicates:
+def find_duplicates(index: NeighborIndex, tolerance: float = DEFAULT_TOLERANCE,
+                    image_shape: Optional[Sequence[int]] = None) -> Duplicates:
     """Near-duplicate clusters of the indexed training points: pairs with ||a - b|| <= tolerance x r.
 
     faiss range search proposes candidate pairs (radius padded for its rounding); each pair's distance is
@@ -94,7 +96,7 @@ def find_duplicates(index: NeighborIndex, tolerance: float = DEFAULT_TOLERANCE) 
     """
     radius = float(tolerance) * rms_pair_distance(index)
     uf = _UnionFind(index.num_points)
-    maybe = may_have_partner(index, radius)
+    maybe = may_have_partner(index, radius, image_shape, tolerance)
     rows = rows_per_chunk(index.dim, QUERY_ROWS)
     for start in range(0, index.num_points, rows):
         stop = min(start + rows, index.num_points)
@@ -109,19 +111,52 @@ def find_duplicates(index: NeighborIndex, tolerance: float = DEFAULT_TOLERANCE) 
     return Duplicates(labels, float(tolerance), radius)
 
 
-def may_have_partner(index: NeighborIndex, radius: float) -> np.ndarray:
-    """Boolean per point: whether another point may lie within `radius`. For d > 2 PROJECTION_DIMS, points whose
-    projections on the top PROJECTION_DIMS principal directions (orthonormal: a projection never lengthens a
-    distance) have no other projection within the radius (padded for rounding) are ruled out; only the rest are
-    searched in full, so the all-pairs pass runs in PROJECTION_DIMS dimensions, not d. Every point otherwise."""
-    if index.dim <= 2 * PROJECTION_DIMS or index.num_points < 2:
+def may_have_partner(index: NeighborIndex, radius: float, image_shape: Optional[Sequence[int]] = None,
+                     tolerance: float = DEFAULT_TOLERANCE) -> np.ndarray:
+    """Boolean per point: whether another point may lie within `radius`, from a lower bound on every pairwise
+    distance computed in far fewer dimensions; only the points it leaves are searched in full. The bound is
+    |P(a - b)| <= |a - b| for a projection P: the top PROJECTION_DIMS principal coordinates where they keep
+    enough of a distance (d <= 64 / (2 tol)^2, memaudit.pca), else, for images (`image_shape`), f x f block
+    means scaled by f (block_factor: f <= 1 / (2.5 tol), so even white noise keeps 1/f of a distance). Every
+    point for small d or flat vectors of large d."""
+    if index.num_points < 2 or index.dim <= 2 * PROJECTION_DIMS:
         return np.ones(index.num_points, dtype=bool)
-    projected = principal_projection(index).double()
+    if index.dim <= PROJECTION_DIMS / max(2 * tolerance, 1e-12) ** 2:
+        return rows_with_partner(principal_projection(index), radius)
+    f = block_factor(image_shape, tolerance) if image_shape is not None else 1
+    if f < 2:
+        return np.ones(index.num_points, dtype=bool)
+    return rows_with_partner(block_means(index, tuple(image_shape), f), radius)
+
+
+def block_factor(image_shape: Sequence[int], tolerance: float) -> int:
+    """The largest f dividing H and W with f <= 1 / (2.5 tol) and at least PROJECTION_DIMS block means."""
+    c, h, w = (int(v) for v in image_shape[-3:])
+    limit = 1.0 / max(2.5 * tolerance, 1e-12)
+    fits = [f for f in range(2, min(h, w) + 1)
+            if h % f == 0 and w % f == 0 and f <= limit and c * (h // f) * (w // f) >= PROJECTION_DIMS]
+    return max(fits, default=1)
+
+
+def block_means(index: NeighborIndex, image_shape: tuple, f: int) -> Tensor:
+    """f x f block means of every point (as a (C, H, W) image), times f: an orthogonal projection's
+    coordinates (|P x|^2 = sum over blocks of f^2 mean^2 <= |x|^2), float32, chunk by chunk."""
+    rows = rows_per_chunk(index.dim, QUERY_ROWS)
+    out = []
+    for a in range(0, index.num_points, rows):
+        x = torch.from_numpy(index.points(a, min(a + rows, index.num_points))).reshape(-1, *image_shape)
+        out.append(torch.nn.functional.avg_pool2d(x, f).mul_(f).reshape(x.shape[0], -1))
+    return torch.cat(out)
+
+
+def rows_with_partner(projected: Tensor, radius: float) -> np.ndarray:
+    """Boolean per row: another row within `radius` (padded for float32 rounding) of it."""
+    projected = projected.double()
     sq = (projected ** 2).sum(1)
     padded = (radius * 1.02) ** 2 + 1e-5 * (1.0 + float(sq.max()))
-    out = np.zeros(index.num_points, dtype=bool)
-    step = rows_per_chunk(index.num_points, QUERY_ROWS, 8)  # each block's (rows, M) distances in one chunk
-    for start in range(0, index.num_points, step):
+    out = np.zeros(projected.shape[0], dtype=bool)
+    step = rows_per_chunk(projected.shape[0], QUERY_ROWS, 8)  # each block's (rows, M) distances in one chunk
+    for start in range(0, projected.shape[0], step):
         q = projected[start:start + step]
         d2 = sq[start:start + step, None] - 2 * (q @ projected.T) + sq[None, :]
         d2[torch.arange(q.shape[0]), torch.arange(start, start + q.shape[0])] = float("inf")  # not itself

@@ -252,9 +252,10 @@ def sample_run(model: Denoiser, sampler: str, config: ScanConfig, store: SampleS
     return RunSamples(samples, trajectories, resumed, SPOT_CHECK_ROWS if batches else 0)
 
 
-def training_duplicates(index: NeighborIndex, tolerance: float, note: NoteFn) -> Duplicates:
+def training_duplicates(index: NeighborIndex, tolerance: float, note: NoteFn,
+                        image_shape: Optional[Sequence[int]] = None) -> Duplicates:
     """Near-duplicate clusters of the training set; a note when there are any, a UserError when all are one."""
-    duplicates = find_duplicates(index, tolerance)
+    duplicates = find_duplicates(index, tolerance, image_shape)
     if duplicates.num_distinct < 2:
         raise UserError("every training image is a near-duplicate of one image (--dup-tol "
                         f"{tolerance:g}); the NN ratio needs at least 2 distinct training images")
@@ -295,7 +296,8 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
         return sample_for_rank_zero(model, train_dev, config, plan)
     features = feature_space(config.features, device, tuple(train.shape[1:]))
     index = training_index(train_dev, features, index=config.index)
-    duplicates = training_duplicates(index, config.dup_tol, note)
+    duplicates = training_duplicates(index, config.dup_tol, note,
+                                     tuple(train.shape[1:]) if features.is_pixels else None)
     ctx = ScanContext(model=model, empirical=EmpiricalDenoiser(train_dev), train=train_dev, config=config,
                       features=features, index=index, duplicates=duplicates, runs={},
                       sigmas=metric_sigmas(model, config.metric_sigmas),

@@ -145,8 +145,9 @@ class ImageStore:
     def digest_update(self, digest) -> None:
         """Feed the stored bytes (with dtype and shape) to a hashlib digest, chunk by chunk."""
         digest.update(f"{self.raw.dtype}:{tuple(self.raw.shape)};".encode())
-        for start in range(0, len(self), 4096):
-            digest.update(self.raw[start:start + 4096].contiguous().cpu().numpy().tobytes())
+        rows = rows_per_chunk(self.dim, 4096, self.raw.element_size())
+        for start in range(0, len(self), rows):
+            digest.update(self.raw[start:start + rows].contiguous().cpu().numpy())  # its buffer: no bytes copy
 
     def float(self) -> Tensor:
         """All images as one float32 tensor (a copy for a uint8 store: only for small sets)."""

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.duplicates import PROJECTION_DIMS, find_duplicates, may_have_partner, rms_pair_distance
+from memaudit.duplicates import (PROJECTION_DIMS, block_factor, block_means, find_duplicates, may_have_partner,
+                                 rms_pair_distance)
 from memaudit.neighbors import NeighborIndex
 from memaudit.torch_index import TorchIndex
 
 
 def brute_force_labels(points: np.ndarray, radius: float) -> np.ndarray:
     """Connected components of ||a - b|| <= radius (float64, all pairs), labelled by their smallest member."""
-    x = points.astype(np.float64)
-    d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0))
+    x = points.reshape(len(points), -1).astype(np.float64)
+    d = np.stack([np.sqrt(((x - row) ** 2).sum(1)) for row in x])
     labels = np.arange(len(x))
     changed = True
     while changed:  # propagate the smallest label over edges until stable
@@ -67,3 +68,38 @@ def test_a_pair_just_outside_the_radius_is_not_merged():
     points[40] = points[7] + torch.from_numpy((1.001 * radius * direction / np.linalg.norm(direction)).astype(np.float32))
     dup = find_duplicates(NeighborIndex(points), 0.05)
     assert np.array_equal(dup.labels, brute_force_labels(points.numpy(), dup.radius))
+
+
+def planted_images(seed: int, shape=(3, 16, 16), noise: float = 1.0) -> torch.Tensor:
+    """Smooth images plus `noise` x white noise, with an exact copy, a near copy and a chain planted."""
+    rng = np.random.default_rng(seed)
+    n, (c, h, w) = 200, shape
+    smooth = np.repeat(np.repeat(rng.normal(size=(n, c, h // 4, w // 4)), 4, 2), 4, 3)
+    x = smooth + noise * rng.normal(size=(n, c, h, w))
+    x[10] = x[3]
+    x[20] = x[5] + 0.001 * rng.normal(size=shape)
+    x[30] = x[20] + 0.001 * rng.normal(size=shape)
+    return torch.from_numpy(x.astype(np.float32))
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0, 10.0])  # 10: nearly white noise, where block means keep least
+def test_block_means_prefilter_finds_the_brute_force_clusters(noise):
+    """Images with d > 64 / (2 tol)^2 are prefiltered on f x f block means (tol 0.2: f = 2): the clusters
+    equal a brute-force search's, and the block means never lengthen a distance."""
+    images = planted_images(0, noise=noise)
+    index = NeighborIndex(images.reshape(len(images), -1))
+    assert block_factor(images.shape[1:], 0.2) == 2
+    dup = find_duplicates(index, 0.2, image_shape=images.shape[1:])
+    assert np.array_equal(dup.labels, brute_force_labels(images.numpy(), dup.radius))
+    assert dup.labels[10] == 3 and dup.labels[20] == dup.labels[30] == 5
+    pooled = block_means(index, tuple(images.shape[1:]), 2).double()
+    a, b = images.reshape(len(images), -1).double(), pooled
+    for i, j in [(0, 1), (3, 10), (7, 150), (20, 30)]:
+        assert (b[i] - b[j]).norm() <= (a[i] - a[j]).norm() * (1 + 1e-6) + 1e-6
+
+
+def test_block_factor_keeps_enough_of_a_distance_and_enough_dimensions():
+    assert block_factor((3, 256, 256), 0.05) == 8  # 1 / (2.5 x 0.05) = 8
+    assert block_factor((3, 128, 128), 0.05) == 8
+    assert block_factor((1, 12, 12), 0.05) == 1  # 2 x 2 blocks would leave 36 < 64 values
+    assert block_factor((3, 30, 30), 0.05) == 6  # divides 30; 1 / (2.5 x 0.05) allows up to 8
