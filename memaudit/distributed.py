@@ -2,9 +2,9 @@
 
 `torchrun --nproc_per_node N -m memaudit scan ...` starts N copies of the command (torchrun sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Every rank loads the model and the data and walks the
-scan's sampling runs in the same order; at the start of each run rank 0 broadcasts where it starts (after the
-batches it resumed). Batch k of a run is drawn by rank k mod N from its own generator
-(memaudit.sampling.batch_generator), and each round's batches are gathered on rank 0 in batch order, so the
+scan's sampling runs in the same order. Rank 0 opens each round of a run with a broadcast of its first batch
+(after the batches it resumed) and closes the run with Done; batch k is drawn by rank k mod N from its own
+generator (memaudit.sampling.batch_generator), and each round's batches are gathered on rank 0 in batch order, so the
 samples, and the report, are the same for any N. Only rank 0 saves batches, computes the metrics and writes the
 reports; when it exits it broadcasts its exit code, and every rank exits with it (a worker waiting for a run
 that never comes learns the code instead). Collectives use gloo on CPU objects, for CPU and GPU ranks alike.
@@ -107,7 +107,7 @@ def finish(code: int) -> int:
         else:
             code = _expect_stop()
     finally:
-        torch.distributed.destroy_process_group()
+        leave()
     return code
 
 
