@@ -1,12 +1,15 @@
-"""torchrun: the ranks of one scan share its sampling batch by batch; rank 0 measures and writes the report.
+"""torchrun: the ranks of one scan share its sampling batch by batch, and the metrics' row work block by block;
+rank 0 measures and writes the report.
 
 `torchrun --nproc_per_node N -m memaudit scan ...` starts N copies of the command (torchrun sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Every rank loads the model and the data and walks the
 scan's sampling runs in the same order. Rank 0 opens each round of a run with a broadcast of its first batch
 (after the batches it resumed) and closes the run with Done; batch k is drawn by rank k mod N from its own
 generator (memaudit.sampling.batch_generator), and each round's batches are gathered on rank 0 in batch order, so the
-samples, and the report, are the same for any N. Only rank 0 saves batches, computes the metrics and writes the
-reports; when it exits it broadcasts its exit code, and every rank exits with it (a worker waiting for a run
+samples, and the report, are the same for any N. Only rank 0 saves batches and writes the reports; the metrics'
+per-sample work (nearest training images, entropy and D* along the trajectories: memaudit.shared_rows) is a
+Call that rank 0 broadcasts, then scatters the blocks of rows (block b to rank b mod N) and gathers the results;
+a worker answers Calls wherever it waits for rank 0. When rank 0 exits it broadcasts its exit code, and every rank exits with it (a worker waiting for a run
 that never comes learns the code instead). Collectives use gloo on CPU objects, for CPU and GPU ranks alike.
 """
 
@@ -44,6 +47,15 @@ class Stop:
     """Rank 0 to all: the command is over; exit with `code`."""
 
     code: int
+
+
+@dataclass(frozen=True)
+class Call:
+    """Rank 0 to all: compute the row work `name` (memaudit.shared_rows.ROW_WORK) with `args` on the blocks of
+    rows scattered next (block b to rank b mod N); the results are gathered on rank 0."""
+
+    name: str
+    args: tuple
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,7 @@ def leave() -> None:
 
 
 def _expect_stop() -> int:
-    message = _broadcast(None)
+    message = _next_order()
     return message.code if isinstance(message, Stop) else 3
 
 
@@ -168,7 +180,7 @@ def _lead(denoiser, plan: BatchPlan, first: int, device, nearest) -> Iterator[Ba
 def _follow(denoiser, plan: BatchPlan, device, nearest) -> None:
     me = rank()
     while True:
-        message = _broadcast(None)
+        message = _next_order()
         if isinstance(message, Stop):
             raise Stopped(message.code)
         if isinstance(message, Done):
@@ -182,6 +194,57 @@ def _draw(denoiser, plan: BatchPlan, k: int, device, nearest):
     """Batch k, or Failed when drawing it raised (every rank must still reach the gather)."""
     try:
         return draw_batch(denoiser, plan, k, device, nearest)
+    except UserError as exc:
+        return Failed(str(exc), True)
+    except Exception as exc:  # noqa: BLE001 - reported by rank 0 as an internal error
+        return Failed(f"rank {rank()}: {type(exc).__name__}: {exc}", False)
+
+
+# A worker's handler of rank 0's Calls: (name, blocks, args) -> one result per block (memaudit.shared_rows)
+RowWork = Callable[[str, list, tuple], list]
+_row_work: Optional[RowWork] = None
+
+
+def serving(work: Optional[RowWork]) -> None:
+    """Set this worker's handler of rank 0's Calls, answered wherever the worker waits for rank 0."""
+    global _row_work
+    _row_work = work
+
+
+def share_rows(name: str, args: tuple, blocks: list, work: RowWork) -> list:
+    """Rank 0: `work`'s result on every block (CPU tensors), block b computed by rank b mod N, in block order.
+    A rank's failure is raised here (a UserError as one, anything else as an internal error)."""
+    size = torch.distributed.get_world_size()
+    _broadcast(Call(name, args))
+    mine: list = [None]
+    torch.distributed.scatter_object_list(mine, [blocks[r::size] for r in range(size)], src=0)
+    gathered: list = [None] * size
+    torch.distributed.gather_object(_answer(work, name, mine[0], args), gathered, dst=0)
+    out: list = [None] * len(blocks)
+    for r, part in enumerate(gathered):
+        if isinstance(part, Failed):
+            raise UserError(part.message) if part.user else RuntimeError(part.message)
+        out[r::size] = part
+    return out
+
+
+def _next_order():
+    """A worker's next message from rank 0 that is not a Call, answering every Call before it."""
+    while True:
+        message = _broadcast(None)
+        if not isinstance(message, Call):
+            return message
+        mine: list = [None]
+        torch.distributed.scatter_object_list(mine, None, src=0)
+        answer = (_answer(_row_work, message.name, mine[0], message.args) if _row_work is not None
+                  else Failed(f"rank {rank()} has no row work to answer {message.name!r} with", False))
+        torch.distributed.gather_object(answer, None, dst=0)
+
+
+def _answer(work: RowWork, name: str, blocks: list, args: tuple):
+    """This rank's results on its blocks, or Failed (every rank must still reach the gather)."""
+    try:
+        return work(name, blocks, args)
     except UserError as exc:
         return Failed(str(exc), True)
     except Exception as exc:  # noqa: BLE001 - reported by rank 0 as an internal error

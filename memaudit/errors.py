@@ -27,7 +27,9 @@ def first_lines(exc: BaseException, n: int = 1, with_type: bool = False) -> str:
     return text or type(exc).__name__
 
 
-_CONTROL = {i: f"\\x{i:02x}" for i in list(range(32)) + [127]}
+# C0 and C1 controls (U+0085 is a line break to str.splitlines and to terminals) and the Unicode line and
+# paragraph separators
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(32), *range(127, 160)]} | {i: f"\\u{i:04x}" for i in (0x2028, 0x2029)}
 
 
 def printable(text: object) -> str:

@@ -38,6 +38,7 @@ from memaudit.report.schema import build_report
 from memaudit.resources import check_fits, return_freed_memory
 from memaudit.sampling import (DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, DEFAULT_STEPS, Batch, BatchPlan, SamplerConfig,
                                check_sampler, rerun_rows, resumed_problem, sample)
+from memaudit.shared_rows import RowState
 from memaudit.workdir import SampleStore
 
 # task(description, total) -> advance(done, info="")
@@ -333,12 +334,15 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
 
 
 def sample_for_rank_zero(model: Denoiser, train: Tensor, config: ScanConfig, plan) -> None:
-    """A torchrun rank other than 0: draw its share of every sampling run, in rank 0's order, and nothing
-    else (rank 0 measures and reports; memaudit.distributed)."""
+    """A torchrun rank other than 0: draw its share of every sampling run, in rank 0's order, and answer its
+    share of the metrics' row work whenever rank 0 asks (memaudit.shared_rows), until rank 0 stops the command
+    (memaudit.distributed.finish). Rank 0 alone measures and reports."""
     quiet = lambda description, total: (lambda done, info="": None)  # noqa: E731
     store = SampleStore(None, {})
     record = trajectory_rows(config, model.image_shape)
-    nearest = EmpiricalDenoiser(train).nearest_distance
+    empirical = EmpiricalDenoiser(train)
+    distributed.serving(RowState(empirical, train, config.features, config.index, torch.device(config.device)).answer)
+    nearest = empirical.nearest_distance
     for sampler in config.samplers:
         if plan:
             sample_classes(sample_run, model, sampler, config, store, plan, record, resume=False, task=quiet,

@@ -432,3 +432,13 @@ def test_first_lines_handles_empty_and_multiline_messages():
     assert first_lines(RuntimeError(""), with_type=True) == "RuntimeError"
     assert first_lines(ValueError("\n  a \n\n b\nc"), 2) == "a b"
     assert first_lines(KeyError("x"), with_type=True) == "KeyError: 'x'"
+
+
+def test_no_character_breaks_a_one_line_error():
+    """Every character str.splitlines breaks at (\\n, \\x85, U+2028, ...) is escaped in an error line
+    (found by the fuzz test: a model path of '\\x85' split the message in two)."""
+    from memaudit.errors import printable
+
+    breaks = [chr(i) for i in range(0x3000) if len(f"a{chr(i)}b".splitlines()) > 1]
+    assert "\n" in breaks and "\x85" in breaks and "\u2028" in breaks
+    assert all(len(printable(f"a{c}b").splitlines()) == 1 for c in breaks)

@@ -128,3 +128,21 @@ def test_a_rank_that_cannot_draw_fails_the_job_with_its_error(tmp_path):
     codes = run_ranks([], tmp_path, script=[str(ROOT / "tests" / "dist_ranks.py"), "fail", str(out)])
     assert [c for c, _ in codes] == [2, 2], codes
     assert out.read_text() == "rank 1 could not draw its batch"
+
+
+def test_row_work_is_shared_block_by_block_and_gathered_in_row_order(tmp_path):
+    """memaudit.shared_rows.map_rows on 2 ranks: 10 rows in blocks of 3, block b computed by rank b mod 2, the
+    results back on rank 0 in row order (what the metrics' searches and trajectory work rely on)."""
+    out = tmp_path / "out.pt"
+    codes = run_ranks([], tmp_path, script=[str(ROOT / "tests" / "dist_ranks.py"), "rows", str(out)])
+    assert [c for c, _ in codes] == [0, 0], codes
+    got = torch.load(out, weights_only=True)
+    assert torch.equal(got["values"], 2.0 * torch.arange(10.0).reshape(10, 1))
+    assert got["ranks"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1]
+
+
+def test_a_rank_whose_row_work_fails_fails_the_job_with_its_error(tmp_path):
+    out = tmp_path / "out.txt"
+    codes = run_ranks([], tmp_path, script=[str(ROOT / "tests" / "dist_ranks.py"), "rows-fail", str(out)])
+    assert [c for c, _ in codes] == [2, 2], codes
+    assert out.read_text() == "rank 1 could not do its rows"

@@ -15,7 +15,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from memaudit.features import embed
 from memaudit.validation import Check
 
 RUN, SCAN = "run", "scan"
@@ -97,7 +96,9 @@ class RunData:
         searched once for the largest k any metric asks for."""
         k = min(k, ctx.index.num_points)
         if "k" not in self._neighbours or self._neighbours["k"] < k:
-            dist, idx = ctx.index.search(embed(self.samples, ctx.features), k)
+            from memaudit.indexes import is_approximate
+
+            dist, idx = ctx.map_rows("neighbours", (self.samples,), (k,), local=is_approximate(ctx.config.index))
             self._neighbours = {"k": k, "dist": dist, "idx": idx}
         return self._neighbours["dist"][:, :k], self._neighbours["idx"][:, :k]
 
@@ -125,6 +126,13 @@ class ScanContext:
     cache: dict = field(default_factory=dict)  # per-scan results metrics share (e.g. indexes they build once)
     labels: Optional[Tensor] = None  # (M,) class of each training image, for a class-conditional scan
     class_names: Optional[list] = None
+
+    def map_rows(self, name: str, rows: Sequence[Tensor], args: tuple = (), local: bool = False):
+        """Row work memaudit.shared_rows.ROW_WORK[name] over `rows`, in the scan's blocks (shared among torchrun
+        ranks unless `local`)."""
+        from memaudit.shared_rows import map_rows
+
+        return map_rows(self, name, rows, args, self.config.batch_size, local)
 
 
 class Metric:

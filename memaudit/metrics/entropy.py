@@ -10,7 +10,7 @@ sampler steps, not only at them.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from memaudit.sampling import Trajectory
 
 COLLAPSE_POINTS = 2.0  # effective number of training points exp(H) below which one image has taken over
 BISECTION_STEPS = 10
+EntropyFn = Callable[[Tensor, float], Tensor]  # H (nats) of each row of x at sigma
 
 
 def cluster_weights(weights: Tensor, indices: Tensor, labels: Optional[Tensor]) -> Tensor:
@@ -49,15 +50,13 @@ def topk_entropy(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tensor | float,
     return torch.special.entr(weights).sum(1).clamp_min(0.0).to(x.device)
 
 
-def _mean_points(empirical, xs: list[Tensor], sigma: float, k: int, labels) -> float:
+def _mean_points(entropy_of: "EntropyFn", xs: list[Tensor], sigma: float) -> float:
     """Mean exp(H) over all rows of `xs` at `sigma`."""
-    h = torch.cat([topk_entropy(empirical, x, sigma, k, labels).cpu() for x in xs])
-    return float(h.exp().mean())
+    return float(entropy_of(torch.cat(xs), sigma).cpu().exp().mean())
 
 
-def collapse_sigma(empirical: EmpiricalDenoiser, trajectories: list[Trajectory], k: int, sigmas: list[float],
-                   points: list[float], labels: Optional[Tensor] = None, below: float = COLLAPSE_POINTS,
-                   steps: int = BISECTION_STEPS) -> float:
+def collapse_sigma(entropy_of: "EntropyFn", trajectories: list[Trajectory], sigmas: list[float],
+                   points: list[float], below: float = COLLAPSE_POINTS, steps: int = BISECTION_STEPS) -> float:
     """The largest sigma where the mean exp(H) along the paths drops below `below` (0 if it never does).
 
     Between the last step still above `below` and the first below it, x(sigma) follows the chord between the
@@ -73,7 +72,7 @@ def collapse_sigma(empirical: EmpiricalDenoiser, trajectories: list[Trajectory],
         mid = math.sqrt(s_hi * s_lo)
         t = (mid - hi) / (lo - hi)
         xs = [(1 - t) * tr.xs[first - 1] + t * tr.xs[first] for tr in trajectories]
-        if _mean_points(empirical, xs, mid, k, labels) < below:
+        if _mean_points(entropy_of, xs, mid) < below:
             s_lo = mid
         else:
             s_hi = mid
@@ -81,27 +80,29 @@ def collapse_sigma(empirical: EmpiricalDenoiser, trajectories: list[Trajectory],
 
 
 def trajectory_entropy(empirical: EmpiricalDenoiser, trajectories: list[Trajectory], k: int,
-                       labels: Optional[np.ndarray | Tensor] = None) -> dict:
+                       labels: Optional[np.ndarray | Tensor] = None,
+                       entropy_of: Optional["EntropyFn"] = None) -> dict:
     """Per recorded sigma: mean, median, min of H and mean exp(H) over all trajectories; final_mean = mean H at
-    the last (smallest) sigma; collapse_sigma as located by `collapse_sigma`."""
+    the last (smallest) sigma; collapse_sigma as located by `collapse_sigma`. `entropy_of(x, sigma)`: H of each
+    row (default topk_entropy here; the scan shares the rows among torchrun ranks, memaudit.shared_rows)."""
     out = {"sigmas": [], "mean": [], "median": [], "min": [], "effective_points_mean": [], "final_mean": None,
            "collapse_sigma": None}
     if not trajectories:
         return out
     labels = torch.as_tensor(labels) if labels is not None else None
+    entropy_of = entropy_of or (lambda x, sigma: topk_entropy(empirical, x, sigma, k, labels))
     sigmas = trajectories[0].sigmas
     if any(len(t.sigmas) != len(sigmas) for t in trajectories):
         raise ValueError("all trajectories must share the same sigma steps")
     for step, sigma in enumerate(sigmas):
-        h = torch.cat([topk_entropy(empirical, t.xs[step], sigma, k, labels).cpu() for t in trajectories])
+        h = entropy_of(torch.cat([t.xs[step] for t in trajectories]), sigma).cpu()
         out["sigmas"].append(float(sigma))
         out["mean"].append(float(h.mean()))
         out["median"].append(float(h.quantile(0.5)))
         out["min"].append(float(h.min()))
         out["effective_points_mean"].append(float(h.exp().mean()))
     out["final_mean"] = out["mean"][-1] if out["mean"] else None
-    out["collapse_sigma"] = collapse_sigma(empirical, trajectories, k, out["sigmas"],
-                                           out["effective_points_mean"], labels)
+    out["collapse_sigma"] = collapse_sigma(entropy_of, trajectories, out["sigmas"], out["effective_points_mean"])
     return out
 
 
@@ -136,7 +137,9 @@ class Entropy(Metric):
     columns = (Column("collapse sigma", lambda s: section_collapse(s) if s.get("sigmas") else None, digits=3),)
 
     def compute(self, ctx: ScanContext, run: Optional[RunData] = None) -> dict:
-        return trajectory_entropy(ctx.empirical, run.trajectories, ctx.config.topk, labels=ctx.duplicates.labels)
+        k, labels = ctx.config.topk, ctx.duplicates.labels
+        return trajectory_entropy(ctx.empirical, run.trajectories, k, labels,
+                                  lambda x, sigma: ctx.map_rows("topk_entropy", (x,), (float(sigma), k, labels)))
 
     def cost(self, w, sampler=None):
         """Top-k logits (one GEMM, 2 M d) at every recorded step, and BISECTION_STEPS more for collapse_sigma."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from memaudit.denoiser import Denoiser
 from memaudit.metrics.base import SCAN, Metric, Plot, RunData, ScanContext, Series
@@ -53,17 +53,20 @@ def cosine_on_training_points(model: Denoiser, empirical: Denoiser, train: Tenso
     return out
 
 
-def cosine_on_trajectories(empirical: Denoiser, trajectories: list[Trajectory]) -> dict:
-    """Mean/std deviation per recorded step, between the model's recorded D(x) and the empirical D*(x)."""
+def cosine_on_trajectories(empirical: Denoiser, trajectories: list[Trajectory],
+                           deviation_of: Optional[Callable[[Tensor, Tensor, float], Tensor]] = None) -> dict:
+    """Mean/std deviation per recorded step, between the model's recorded D(x) and the empirical D*(x).
+    `deviation_of(x, d_model, sigma)`: each row's deviation (default here; the scan shares the rows among
+    torchrun ranks, memaudit.shared_rows)."""
     out = {"sigmas": [], "mean": [], "std": []}
     if not trajectories:
         return out
+    deviation_of = deviation_of or (lambda x, d, sigma: cosine_deviation(d.to(x.device) - x,
+                                                                        run_denoiser(empirical, x, sigma) - x, x))
     for step, sigma in enumerate(trajectories[0].sigmas):
-        dev = []
-        for t in trajectories:
-            x, d_model = t.xs[step], t.denoised[step].to(t.xs[step].device)
-            dev.append(cosine_deviation(d_model - x, run_denoiser(empirical, x, sigma) - x, x).cpu())
-        _append(out, sigma, dev)
+        x = torch.cat([t.xs[step] for t in trajectories])
+        d_model = torch.cat([t.denoised[step].to(x.device) for t in trajectories])
+        _append(out, sigma, [deviation_of(x, d_model, sigma).cpu()])
     return out
 
 

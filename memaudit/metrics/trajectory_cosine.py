@@ -16,7 +16,8 @@ class TrajectoryCosine(Metric):
     needs_trajectories = True
 
     def compute(self, ctx: ScanContext, run: Optional[RunData] = None) -> dict:
-        return cosine_on_trajectories(ctx.empirical, run.trajectories)
+        return cosine_on_trajectories(ctx.empirical, run.trajectories,
+                                      lambda x, d, sigma: ctx.map_rows("empirical_cosine", (x, d), (float(sigma),)))
 
     def validate(self, section, c, where: str) -> None:
         validate_curve(section, c, where)
