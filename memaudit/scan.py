@@ -35,7 +35,7 @@ from memaudit.metrics.fid import FID_MODES
 from memaudit.metrics.nn_ratio import training_index
 from memaudit.neighbors import NeighborIndex
 from memaudit.report.schema import build_report
-from memaudit.resources import check_fits, return_freed_memory
+from memaudit.resources import check_fits, map_large_blocks, return_freed_memory
 from memaudit.sampling import (DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, DEFAULT_STEPS, Batch, BatchPlan, SamplerConfig,
                                check_sampler, rerun_rows, resumed_problem, sample)
 from memaudit.shared_rows import RowState
@@ -281,6 +281,7 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
     there). On a torchrun rank other than 0 it only draws that rank's share of the samples and returns None.
     """
     config.validate()
+    map_large_blocks()
     plan = class_plan(model, labels, config.num_samples, labels_problem)
     if holdout is not None and tuple(holdout.shape[1:]) != tuple(train.shape[1:]):
         raise UserError(f"the held-out images have shape {tuple(holdout.shape[1:])}, the training images "
@@ -319,8 +320,10 @@ def run_scan(model: Denoiser, train: Tensor, config: ScanConfig, *, model_info: 
         advance = task(f"metrics {sampler}", 1)
         runs[sampler] = {m.name: compute_run_metric(m, ctx, ctx.runs[sampler]) for m in METRICS
                          if m.scope == RUN and config.computes(m)}
+        ctx.runs[sampler].trajectories = []  # only the run metrics read them (up to TRAJECTORY_BYTES): free them
         advance(1)
         resumed[sampler] = {"resumed_samples": run.resumed, "spot_checked": run.checked}
+        del run
     sections = scan_sections(ctx)
     lo, hi = config.sampler_config(config.samplers[0]).sigma_range(model)
     settings = {**config.settings(), "trajectory_samples": record, "sampling_sigma_min": lo,

@@ -51,6 +51,39 @@ def _trajectory(payload: Optional[dict]) -> Optional[Trajectory]:
                       None if rows < 0 else rows)
 
 
+class _HashingWriter:
+    """A file that torch.save writes to: each write goes to disk and into a sha256, and an OSError (disk full)
+    is kept, since torch.save reports it as a RuntimeError."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.error = fh, hashlib.sha256(), None
+
+    def write(self, data) -> int:
+        try:
+            written = self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.sha.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save_streamed(payload: dict, fh) -> str:
+    """torch.save(payload) straight into the open file `fh` (no in-memory copy of the batch: up to
+    TRAJECTORY_BYTES of trajectories); the sha256 of what was written. A failed write raises its OSError."""
+    writer = _HashingWriter(fh)
+    try:
+        torch.save(payload, writer)
+    except Exception:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+    return writer.sha.hexdigest()
+
+
 class SampleStore:
     """Per-sampler batches in a work folder, tagged with a fingerprint of everything that shapes them."""
 
@@ -74,17 +107,13 @@ class SampleStore:
         index = len(batches) - 1
         batch = batches[-1]
         name = f"{_safe(sampler)}-{index:06d}.pt"
-        buffer = io.BytesIO()
-        torch.save({"samples": batch.samples, "generator_before": batch.generator_before,
-                    "generator_after": batch.generator_after,
-                    "trajectory": _trajectory_payload(batch.trajectory)}, buffer)
-        data = buffer.getbuffer()  # a view: no second copy of the batch's bytes
+        payload = {"samples": batch.samples, "generator_before": batch.generator_before,
+                   "generator_after": batch.generator_after, "trajectory": _trajectory_payload(batch.trajectory)}
         with atomic_path(self.folder / name) as tmp:
             with open(tmp, "wb") as fh:
-                fh.write(data)  # a plain write: disk full is an OSError (torch.save's is not)
+                digest = save_streamed(payload, fh)
         entries = self._entries.get(sampler, [])[:index] + [{"file": name, "size": int(batch.samples.shape[0]),
-                                                     "sha256": _sha256(data)}]
-        del data
+                                                     "sha256": digest}]
         manifest = {"version": MANIFEST_VERSION, "tag": self.tag, "sampler": sampler, "batches": entries}
         write_text_atomic(self.manifest_path(sampler), json.dumps(manifest, indent=1) + "\n")
         self._entries[sampler] = entries

@@ -117,3 +117,23 @@ def test_on_trajectories_uses_recorded_denoised(train):
         assert out["mean"][i] == pytest.approx(ref.mean(), rel=1e-4, abs=1e-5)
         assert out["std"][i] == pytest.approx(ref.std(), rel=1e-3, abs=1e-5)
     assert cosine_on_trajectories(emp, []) == {"sigmas": [], "mean": [], "std": []}
+
+
+def test_cosine_deviation_in_row_blocks_equals_one_block(monkeypatch):
+    """The float64 working copies are bounded by computing a few rows at a time; the result is that of all rows
+    at once (a numpy float64 reference), zero vectors included."""
+    import memaudit.metrics.score_cosine as sc
+
+    g = torch.Generator().manual_seed(3)
+    a, b, x = (torch.randn(7, 2, 3, generator=g) for _ in range(3))
+    a[2] = 0.0
+    b[2] = 0.0
+    b[4] = 0.0
+    a64, b64 = a.reshape(7, -1).double().numpy(), b.reshape(7, -1).double().numpy()
+    norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    ref = 1.0 - np.where(norms > 0, (a64 * b64).sum(1) / np.where(norms > 0, norms, 1.0), 0.0)
+    ref[2] = 0.0  # both zero: cos = 1
+    monkeypatch.setattr(sc, "FLOAT64_BYTES", 8 * 3 * 6 * 2)  # two rows per block
+    got = sc.cosine_deviation(a, b, x)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-12)
+    assert sc.cosine_deviation(a[:0], b[:0], x[:0]).shape == (0,)

@@ -234,3 +234,40 @@ def test_cli_same_seed_gives_byte_identical_reports(tmp_path, capsys):
     assert a[0] == b[0]
     assert a[1] == b[1]  # the HTML report and its PNG grids too
     assert a[0] != c[0]
+
+
+def test_a_batch_is_streamed_to_disk_with_the_digest_of_its_bytes(tmp_path):
+    """SampleStore.save writes torch.save's bytes straight to the file (no in-memory copy of the batch) and
+    records their sha256; a full disk surfaces as its OSError (ENOSPC), not torch's RuntimeError."""
+    import hashlib
+
+    from memaudit.sampling import Batch, Trajectory
+    from memaudit.workdir import save_streamed
+
+    state = torch.Generator().manual_seed(0).get_state()
+    xs = [torch.randn(3, 1, 8, 8) for _ in range(2)]
+    batch = Batch(torch.randn(3, 1, 8, 8), state, state, Trajectory([2.0, 1.0], xs, xs, None))
+    store = SampleStore(tmp_path, {"test": 1})
+    store.save("heun", [batch])
+    entry = json.loads(store.manifest_path("heun").read_text())["batches"][0]
+    data = (store.folder / entry["file"]).read_bytes()
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    [loaded], problem = store.load("heun", 3, (1, 8, 8))
+    assert problem is None and torch.equal(loaded.samples, batch.samples)
+
+    class FullDisk:
+        def __init__(self):
+            self.written = 0
+
+        def write(self, chunk):
+            self.written += len(chunk)
+            if self.written > 200:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return len(chunk)
+
+        def flush(self):
+            pass
+
+    with pytest.raises(OSError) as exc:
+        save_streamed({"samples": batch.samples}, FullDisk())
+    assert exc.value.errno == errno.ENOSPC

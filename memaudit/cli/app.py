@@ -11,6 +11,7 @@ import typer
 from memaudit import __version__, distributed
 from memaudit.cli.options import FLAGS
 from memaudit.errors import SettingError, UserError, first_lines, printable
+from memaudit.resources import map_large_blocks
 
 INTERNAL_ERROR = 3  # exit code of a bug in memaudit (never 1, which means "a gate failed")
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 def _run(argv: list[str] | None) -> None:
     """The command, its errors turned into one-line messages and exit codes (SystemExit)."""
     _register()
+    map_large_blocks()  # before the data and the model are loaded (memaudit.resources)
     if argv is not None and any("\x00" in str(a) for a in argv):
         fail("an argument contains a NUL byte; no file name can")  # a shell cannot pass one; an API caller can
     try:

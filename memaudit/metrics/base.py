@@ -83,7 +83,8 @@ class Note:
 
 @dataclass
 class RunData:
-    """One sampler run as the metrics see it: its samples, trajectories and a cache of neighbour searches."""
+    """One sampler run as the metrics see it: its samples, trajectories (emptied once its run metrics are done:
+    scan-level metrics do not read them) and a cache of neighbour searches."""
 
     sampler: str
     samples: Tensor

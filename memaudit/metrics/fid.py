@@ -70,7 +70,10 @@ def fid_proxy(samples: Tensor, train: Tensor, dims: int = 64) -> float:
     if samples[0].numel() != train[0].numel():
         raise UserError("samples and training images have different sizes; cannot compare them")
     mean, basis = pca_basis(train, dims)
-    project = lambda x: (x.reshape(x.shape[0], -1).to(basis.device, torch.float64) - mean) @ basis  # noqa: E731
+    def project(x: Tensor) -> Tensor:  # one float64 copy of the chunk, centred in place
+        centred = x.reshape(x.shape[0], -1).to(basis.device, torch.float64, copy=True)
+        return centred.sub_(mean) @ basis
+
     mu1, c1 = _gaussian(project(samples))
     step = rows_per_chunk(int(math.prod(train.shape[1:])), PROJECT_ROWS, 8)
     mu2, c2 = _gaussian(torch.cat([project(train[a:a + step]) for a in range(0, train.shape[0], step)]))

@@ -20,12 +20,21 @@ from memaudit.numbers import finite_or_none, fmt
 from memaudit.sampling import Trajectory
 
 ZERO_TOL = 1e-6  # a vector is "zero" if its norm is <= ZERO_TOL * max(||x||, 1)
+FLOAT64_BYTES = 32 * 1024**2  # the float64 working copies of cosine_deviation, per block of rows
 
 
 def cosine_deviation(a: Tensor, b: Tensor, x: Tensor, tol: float = ZERO_TOL) -> Tensor:
-    """1 - <a, b> / (||a|| ||b||) per sample in float64, with the zero-vector convention above; (B,)."""
-    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
-    scale = tol * x.reshape(x.shape[0], -1).double().norm(dim=1).clamp_min(1.0).to(a.device)
+    """1 - <a, b> / (||a|| ||b||) per sample in float64, with the zero-vector convention above; (B,). Computed
+    a few rows at a time, so the float64 copies stay within FLOAT64_BYTES whatever the image size."""
+    a, b, x = a.flatten(1), b.flatten(1), x.flatten(1)
+    step = max(1, FLOAT64_BYTES // (8 * 3 * max(1, a.shape[1])))
+    return torch.cat([_cosine_rows(a[i:i + step], b[i:i + step], x[i:i + step], tol)
+                      for i in range(0, a.shape[0], step)]) if a.shape[0] else a.new_zeros(0, dtype=torch.float64)
+
+
+def _cosine_rows(a: Tensor, b: Tensor, x: Tensor, tol: float) -> Tensor:
+    a, b = a.double(), b.double()
+    scale = tol * x.double().norm(dim=1).clamp_min(1.0).to(a.device)
     na, nb = a.norm(dim=1), b.norm(dim=1)
     za, zb = na <= scale, nb <= scale
     cos = (a * b).sum(1) / (na * nb).clamp_min(torch.finfo(torch.float64).tiny)
