@@ -96,9 +96,15 @@ class ImageStore:
         """Images start:stop flattened to float32 rows (stop - start, d); `out`: a reusable buffer (the caller
         must be done with the previous rows written there)."""
         block = self.raw[start:stop]
-        flat = block.reshape(block.shape[0], -1) if block.is_contiguous() else \
-            block.contiguous().reshape(block.shape[0], -1)
-        return self._float(flat, out)
+        if block.is_contiguous() or not self.is_bytes:
+            flat = block.reshape(block.shape[0], -1) if block.is_contiguous() else \
+                block.contiguous().reshape(block.shape[0], -1)
+            return self._float(flat, out)
+        # a channels-last uint8 array (the .npy layout): converted straight into the float rows, with no
+        # contiguous uint8 copy in between (a chunk-sized heap block per call, which fragmented the heap)
+        rows = out.reshape(-1)[:block.numel()] if out is not None else \
+            torch.empty(block.numel(), dtype=torch.float32, device=block.device)
+        return rows.view(block.shape).copy_(block).div_(BYTE_SCALE).sub_(1.0).view(block.shape[0], -1)
 
     def shared_buffer(self, rows: int) -> Optional[Tensor]:
         """A float32 buffer for `rows` rows, one per device shared by every caller (the tile indexes of a scan

@@ -97,3 +97,17 @@ def test_every_phase_and_run_metric_starts_by_returning_freed_memory(monkeypatch
     run_metrics = sum(1 for m in METRICS if m.scope == RUN and config.computes(m))
     assert len(calls) == len(tasks) + run_metrics
     assert set(range(len(tasks))) <= set(calls)  # a call just before each phase began (tasks[i] made after it)
+
+
+def test_rows_of_a_channels_last_byte_array_equal_its_contiguous_copy():
+    """A .npy's (N, H, W, C) bytes seen as (N, C, H, W) are converted straight into float rows (no contiguous
+    uint8 copy); the rows equal those of the contiguous array, into a fresh tensor or a reused buffer."""
+    hwc = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 4, 3, 3), dtype=np.uint8))
+    chw = hwc.permute(0, 3, 1, 2)
+    assert not chw.is_contiguous()
+    strided, contiguous = ImageStore(chw), ImageStore(chw.contiguous())
+    buffer = torch.full((4 * 36,), float("nan"))
+    assert torch.equal(strided.rows(1, 4), contiguous.rows(1, 4))
+    assert torch.equal(strided.rows(0, 4, out=buffer), contiguous.rows(0, 4))
+    torch.testing.assert_close(strided.rows(1, 4).double(), chw[1:4].reshape(3, -1).double() / 127.5 - 1,
+                               rtol=0, atol=1e-7)
