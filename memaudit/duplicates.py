@@ -150,17 +150,23 @@ def block_means(index: NeighborIndex, image_shape: tuple, f: int) -> Tensor:
 
 
 def rows_with_partner(projected: Tensor, radius: float) -> np.ndarray:
-    """Boolean per row: another row within `radius` (padded for float32 rounding) of it."""
-    projected = projected.double()
-    sq = (projected ** 2).sum(1)
+    """Boolean per row: another row within `radius` (padded for rounding) of it. Distances in float64, block
+    against block, so no float64 copy of the whole projection is held (30k x 3072 block means: 0.7 GB)."""
+    step = rows_per_chunk(projected.shape[1], QUERY_ROWS, 8)
+    blocks = range(0, projected.shape[0], step)
+    sq = torch.cat([(projected[a:a + step].double() ** 2).sum(1) for a in blocks])
     padded = (radius * 1.02) ** 2 + 1e-5 * (1.0 + float(sq.max()))
     out = np.zeros(projected.shape[0], dtype=bool)
-    step = rows_per_chunk(projected.shape[0], QUERY_ROWS, 8)  # each block's (rows, M) distances in one chunk
-    for start in range(0, projected.shape[0], step):
-        q = projected[start:start + step]
-        d2 = sq[start:start + step, None] - 2 * (q @ projected.T) + sq[None, :]
-        d2[torch.arange(q.shape[0]), torch.arange(start, start + q.shape[0])] = float("inf")  # not itself
-        out[start:start + q.shape[0]] = (d2 <= padded).any(1).numpy()
+    for start in blocks:
+        q = projected[start:start + step].double()
+        hit = torch.zeros(q.shape[0], dtype=torch.bool)
+        for other in blocks:
+            d2 = sq[start:start + step, None] - 2 * (q @ projected[other:other + step].double().T) \
+                + sq[None, other:other + step]
+            if other == start:
+                d2.fill_diagonal_(float("inf"))  # not itself
+            hit |= (d2 <= padded).any(1)
+        out[start:start + q.shape[0]] = hit.numpy()
     return out
 
 

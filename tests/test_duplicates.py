@@ -103,3 +103,22 @@ def test_block_factor_keeps_enough_of_a_distance_and_enough_dimensions():
     assert block_factor((3, 128, 128), 0.05) == 8
     assert block_factor((1, 12, 12), 0.05) == 1  # 2 x 2 blocks would leave 36 < 64 values
     assert block_factor((3, 30, 30), 0.05) == 6  # divides 30; 1 / (2.5 x 0.05) allows up to 8
+
+
+def test_rows_with_partner_block_against_block_equals_all_pairs(monkeypatch):
+    """The float64 distances are taken block against block (no float64 copy of the whole projection); with
+    blocks of 7 rows the rows with a partner are those of an all-pairs numpy search, a block's own diagonal
+    excluded, pairs across blocks found."""
+    import memaudit.duplicates as dup
+
+    points = planted(3, 12)
+    points[25] = points[2] + 1e-4  # partners in different blocks
+    radius = 0.05 * rms_pair_distance(NeighborIndex(points))
+    x = points.numpy().astype(np.float64)
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(2))
+    np.fill_diagonal(d, np.inf)
+    expected = (d <= radius).any(1)
+    monkeypatch.setattr(dup, "QUERY_ROWS", 7)
+    got = dup.rows_with_partner(points, radius)
+    assert expected[[2, 25, 3, 10, 5, 20, 30]].all() and expected.sum() < 20
+    assert np.array_equal(got, expected)
