@@ -1,16 +1,17 @@
 """torchrun: the ranks of one scan share its sampling batch by batch, and the metrics' row work block by block;
 rank 0 measures and writes the report.
 
-`torchrun --nproc_per_node N -m memaudit scan ...` starts N copies of the command (torchrun sets RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Every rank loads the model and the data and walks the
-scan's sampling runs in the same order. Rank 0 opens each round of a run with a broadcast of its first batch
-(after the batches it resumed) and closes the run with Done; batch k is drawn by rank k mod N from its own
-generator (memaudit.sampling.batch_generator), and each round's batches are gathered on rank 0 in batch order, so the
+`torchrun --nproc_per_node N -m memaudit scan ...` starts N copies of the command (torchrun sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Every rank loads the model and the data and walks the scan's sampling
+runs in the same order. Rank 0 opens each round of a run with a broadcast of its first batch (after the batches it
+resumed) and closes the run with Done; batch k is drawn by rank k mod N from its own generator
+(memaudit.sampling.batch_generator), and each round's batches are gathered on rank 0 in batch order, so the
 samples, and the report, are the same for any N. Only rank 0 saves batches and writes the reports; the metrics'
-per-sample work (nearest training images, entropy and D* along the trajectories: memaudit.shared_rows) is a
-Call that rank 0 broadcasts, then scatters the blocks of rows (block b to rank b mod N) and gathers the results;
-a worker answers Calls wherever it waits for rank 0. When rank 0 exits it broadcasts its exit code, and every rank exits with it (a worker waiting for a run
-that never comes learns the code instead). Collectives use gloo on CPU objects, for CPU and GPU ranks alike.
+per-sample work (nearest training images, entropy and D* along the trajectories: memaudit.shared_rows) is a Call
+that rank 0 broadcasts, then scatters the blocks of rows (block b to rank b mod N) and gathers the results; a
+worker answers Calls wherever it waits for rank 0. When rank 0 exits it broadcasts its exit code, and every rank
+exits with it (a worker waiting for a run that never comes learns the code instead). Collectives use gloo on CPU
+objects, for CPU and GPU ranks alike.
 """
 
 from __future__ import annotations
@@ -192,8 +193,13 @@ def _follow(denoiser, plan: BatchPlan, device, nearest) -> None:
 
 def _draw(denoiser, plan: BatchPlan, k: int, device, nearest):
     """Batch k, or Failed when drawing it raised (every rank must still reach the gather)."""
+    return _attempt(draw_batch, denoiser, plan, k, device, nearest)
+
+
+def _attempt(fn: Callable, *args):
+    """fn(*args), or Failed when it raised (a UserError as a user error, anything else as an internal one)."""
     try:
-        return draw_batch(denoiser, plan, k, device, nearest)
+        return fn(*args)
     except UserError as exc:
         return Failed(str(exc), True)
     except Exception as exc:  # noqa: BLE001 - reported by rank 0 as an internal error
@@ -219,7 +225,7 @@ def share_rows(name: str, args: tuple, blocks: list, work: RowWork) -> list:
     mine: list = [None]
     torch.distributed.scatter_object_list(mine, [blocks[r::size] for r in range(size)], src=0)
     gathered: list = [None] * size
-    torch.distributed.gather_object(_answer(work, name, mine[0], args), gathered, dst=0)
+    torch.distributed.gather_object(_attempt(work, name, mine[0], args), gathered, dst=0)
     out: list = [None] * len(blocks)
     for r, part in enumerate(gathered):
         if isinstance(part, Failed):
@@ -236,16 +242,7 @@ def _next_order():
             return message
         mine: list = [None]
         torch.distributed.scatter_object_list(mine, None, src=0)
-        answer = (_answer(_row_work, message.name, mine[0], message.args) if _row_work is not None
+        answer = (_attempt(_row_work, message.name, mine[0], message.args) if _row_work is not None
                   else Failed(f"rank {rank()} has no row work to answer {message.name!r} with", False))
         torch.distributed.gather_object(answer, None, dst=0)
 
-
-def _answer(work: RowWork, name: str, blocks: list, args: tuple):
-    """This rank's results on its blocks, or Failed (every rank must still reach the gather)."""
-    try:
-        return work(name, blocks, args)
-    except UserError as exc:
-        return Failed(str(exc), True)
-    except Exception as exc:  # noqa: BLE001 - reported by rank 0 as an internal error
-        return Failed(f"rank {rank()}: {type(exc).__name__}: {exc}", False)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from memaudit.denoiser import Denoiser, clip_sigma_range
 from memaudit.errors import UserError
+from memaudit.storage import owned_cpu
 
 # callback(step index, sigma, x at that sigma, D(x, sigma))
 StepCallback = Callable[[int, float, Tensor, Tensor], None]
@@ -323,8 +324,8 @@ class Trajectory:
 
     def __call__(self, step: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
         self.sigmas.append(float(sigma))
-        self.xs.append(x[: self.rows].detach().cpu())
-        self.denoised.append(denoised[: self.rows].detach().cpu())
+        self.xs.append(owned_cpu(x[: self.rows]))  # not a view holding the whole batch
+        self.denoised.append(owned_cpu(denoised[: self.rows]))
 
 
 @dataclass

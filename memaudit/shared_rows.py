@@ -11,13 +11,15 @@ carry `empirical`, `features` and `index`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from memaudit import distributed
+from memaudit.storage import owned_cpu
 
 ROW_BLOCK = 64  # rows per block at most; the scan's --batch-size when smaller
 
@@ -42,12 +44,10 @@ def topk_entropy(state, x: Tensor, sigma: float, k: int, labels) -> Tensor:
 
 
 def empirical_cosine(state, x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
-    """1 - cos(D(x) - x, D*(x) - x) of each row, D(x) the model's recorded `denoised` (score_cosine)."""
-    from memaudit.metrics.score_cosine import cosine_deviation
-    from memaudit.metrics.helpers import run_denoiser
+    """memaudit.metrics.score_cosine.recorded_cosine_deviation of each row."""
+    from memaudit.metrics.score_cosine import recorded_cosine_deviation
 
-    x = x.to(state.empirical.points_device)
-    return cosine_deviation(denoised.to(x.device) - x, run_denoiser(state.empirical, x, sigma) - x, x)
+    return recorded_cosine_deviation(state.empirical, x, denoised, sigma)
 
 
 ROW_WORK: dict[str, Callable[..., Any]] = {
@@ -64,8 +64,9 @@ def map_rows(state, name: str, rows: Sequence[Tensor], args: tuple = (), batch_s
     are shared among the ranks unless `local` (work only rank 0 can do, e.g. an approximate index it built)."""
     size = block_rows(batch_size)
     n = int(rows[0].shape[0])
-    blocks = [tuple(r[start:start + size].cpu() for r in rows) for start in range(0, n, size)]
-    if distributed.active() and not local and len(blocks) > 1:
+    blocks = [tuple(r[start:start + size] for r in rows) for start in range(0, n, size)]
+    if distributed.active() and not local and len(blocks) > 1:  # sent as CPU tensors (gloo, pickled)
+        blocks = [tuple(owned_cpu(r) for r in block) for block in blocks]  # not views: pickled whole
         results = distributed.share_rows(name, args, blocks, lambda nm, bl, ar: compute_blocks(state, nm, bl, ar))
     else:
         results = compute_blocks(state, name, blocks, args)
@@ -87,7 +88,7 @@ def concatenate(results: list):
 
 
 def _cpu(result):
-    return tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
+    return tuple(owned_cpu(r) for r in result) if isinstance(result, tuple) else owned_cpu(result)
 
 
 @dataclass
@@ -100,23 +101,18 @@ class RowState:
     features_spec: Optional[str]
     index_spec: str
     device: torch.device
-    _built: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def features(self):
-        if "features" not in self._built:
-            from memaudit.features import feature_space
+        from memaudit.features import feature_space
 
-            self._built["features"] = feature_space(self.features_spec, self.device, tuple(self.train.shape[1:]))
-        return self._built["features"]
+        return feature_space(self.features_spec, self.device, tuple(self.train.shape[1:]))
 
-    @property
+    @cached_property
     def index(self):
-        if "index" not in self._built:
-            from memaudit.metrics.nn_ratio import training_index
+        from memaudit.metrics.nn_ratio import training_index
 
-            self._built["index"] = training_index(self.train, self.features, index=self.index_spec)
-        return self._built["index"]
+        return training_index(self.train, self.features, index=self.index_spec)
 
     def answer(self, name: str, blocks: list, args: tuple) -> list:
         """distributed.RowWork: this rank's results on its blocks."""

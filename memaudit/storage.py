@@ -30,6 +30,15 @@ def rows_per_chunk(dim: int, cap: int, bytes_per_value: int = 4) -> int:
     return int(max(1, min(cap, CHUNK_BYTES // max(1, bytes_per_value * dim))))
 
 
+def owned_cpu(tensor: Tensor) -> Tensor:
+    """`tensor` on the CPU in a storage of its own: a slice's .cpu() keeps its whole base alive, and pickling
+    it (torch.distributed's object collectives) sends the whole base."""
+    tensor = tensor.detach().cpu()
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def float_budget() -> int:
     """Bytes a scan may spend on float32 copies of the training set (MEMAUDIT_FLOAT_BUDGET, default 128 MiB)."""
     try:
@@ -82,29 +91,21 @@ class ImageStore:
         return ImageStore(self.raw.to(device))
 
     def _float(self, raw: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """float32 values of a slice of raw (a view when raw is float32); into `out` when given (a float32
-        buffer of at least raw's size, reused: a fresh 50 MB tensor per chunk costs more in page faults than
-        the conversion itself)."""
+        """float32 values of a slice of raw (a view when raw is float32), contiguous whatever raw's layout: a
+        channels-last uint8 slice is converted straight into them, with no contiguous uint8 copy (a chunk-sized
+        heap block per call, which fragmented the heap). Into `out` when given (a float32 buffer of at least
+        raw's size, reused: a fresh 50 MB tensor per chunk costs more in page faults than the conversion)."""
         if not self.is_bytes:
             return raw
-        if out is None:
-            return raw.to(torch.float32).div_(BYTE_SCALE).sub_(1.0)
-        view = out.reshape(-1)[:raw.numel()].reshape(raw.shape)
-        return view.copy_(raw).div_(BYTE_SCALE).sub_(1.0)
+        dest = out.reshape(-1)[:raw.numel()].view(raw.shape) if out is not None else \
+            torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
+        return dest.copy_(raw).div_(BYTE_SCALE).sub_(1.0)
 
     def rows(self, start: int, stop: int, out: Optional[Tensor] = None) -> Tensor:
         """Images start:stop flattened to float32 rows (stop - start, d); `out`: a reusable buffer (the caller
         must be done with the previous rows written there)."""
         block = self.raw[start:stop]
-        if block.is_contiguous() or not self.is_bytes:
-            flat = block.reshape(block.shape[0], -1) if block.is_contiguous() else \
-                block.contiguous().reshape(block.shape[0], -1)
-            return self._float(flat, out)
-        # a channels-last uint8 array (the .npy layout): converted straight into the float rows, with no
-        # contiguous uint8 copy in between (a chunk-sized heap block per call, which fragmented the heap)
-        rows = out.reshape(-1)[:block.numel()] if out is not None else \
-            torch.empty(block.numel(), dtype=torch.float32, device=block.device)
-        return rows.view(block.shape).copy_(block).div_(BYTE_SCALE).sub_(1.0).view(block.shape[0], -1)
+        return self._float(block, out).reshape(block.shape[0], -1)  # a float32 store: a view if contiguous
 
     def shared_buffer(self, rows: int) -> Optional[Tensor]:
         """A float32 buffer for `rows` rows, one per device shared by every caller (the tile indexes of a scan

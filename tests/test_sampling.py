@@ -214,3 +214,15 @@ def test_saved_batches_of_another_seeding_or_size_are_not_resumed():
     old = torch.Generator().manual_seed(2)  # how memaudit seeded a run before: one generator for all
     stale = [dataclasses.replace(saved[0], generator_before=old.get_state())]
     assert "another generator" in resumed_problem(plan, stale)
+
+
+def test_a_trajectory_keeps_only_its_recorded_rows():
+    """Trajectory(rows=2) of a batch of 64 stores 2 rows per step, not views that keep the whole batch alive
+    (the recorded bytes are what scan.trajectory_rows budgets)."""
+    from memaudit.sampling import Trajectory
+
+    traj = Trajectory(rows=2)
+    x, d = torch.randn(64, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    traj(0, 1.0, x, d)
+    assert torch.equal(traj.xs[0], x[:2]) and torch.equal(traj.denoised[0], d[:2])
+    assert traj.xs[0].untyped_storage().nbytes() == traj.denoised[0].untyped_storage().nbytes() == 2 * 192 * 4

@@ -70,3 +70,33 @@ def test_a_scan_shares_its_searches_and_trajectory_work(digits32, monkeypatch):
     assert {"neighbours", "topk_entropy", "empirical_cosine"} <= names
     assert all(n == 3 for name, n in shared)  # 12 rows in blocks of 4
     assert together == alone
+
+
+def test_shared_blocks_are_sent_as_their_own_rows(monkeypatch):
+    """A block handed to the ranks is pickled by gloo's object collectives; a slice would send its whole base
+    tensor with it (every block: the rows N times over)."""
+    import pickle
+
+    sent = []
+
+    def share_rows(name, args, blocks, work):
+        sent.extend(len(pickle.dumps(block)) for block in blocks)
+        return work(name, blocks, args)
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "share_rows", share_rows)
+    monkeypatch.setitem(shared_rows.ROW_WORK, "half", lambda state, rows: rows[:, :1] * 2)
+    rows = torch.randn(640, 256)
+    out = map_rows(None, "half", (rows,), batch_size=64)
+    assert torch.equal(out, rows[:, :1] * 2)
+    whole = len(pickle.dumps(rows))
+    assert len(sent) == 10 and max(sent) < whole / 8  # one block is a tenth of the rows
+
+
+def test_owned_cpu_copies_only_slices():
+    from memaudit.storage import owned_cpu
+
+    base = torch.randn(100, 10)
+    assert owned_cpu(base).data_ptr() == base.data_ptr()  # not copied
+    part = owned_cpu(base[:5])
+    assert torch.equal(part, base[:5]) and part.untyped_storage().nbytes() == 5 * 10 * 4

@@ -50,12 +50,12 @@ def topk_entropy(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tensor | float,
     return torch.special.entr(weights).sum(1).clamp_min(0.0).to(x.device)
 
 
-def _mean_points(entropy_of: "EntropyFn", xs: list[Tensor], sigma: float) -> float:
+def _mean_points(entropy_of: EntropyFn, xs: list[Tensor], sigma: float) -> float:
     """Mean exp(H) over all rows of `xs` at `sigma`."""
     return float(entropy_of(torch.cat(xs), sigma).cpu().exp().mean())
 
 
-def collapse_sigma(entropy_of: "EntropyFn", trajectories: list[Trajectory], sigmas: list[float],
+def collapse_sigma(entropy_of: EntropyFn, trajectories: list[Trajectory], sigmas: list[float],
                    points: list[float], below: float = COLLAPSE_POINTS, steps: int = BISECTION_STEPS) -> float:
     """The largest sigma where the mean exp(H) along the paths drops below `below` (0 if it never does).
 
@@ -81,7 +81,7 @@ def collapse_sigma(entropy_of: "EntropyFn", trajectories: list[Trajectory], sigm
 
 def trajectory_entropy(empirical: EmpiricalDenoiser, trajectories: list[Trajectory], k: int,
                        labels: Optional[np.ndarray | Tensor] = None,
-                       entropy_of: Optional["EntropyFn"] = None) -> dict:
+                       entropy_of: Optional[EntropyFn] = None) -> dict:
     """Per recorded sigma: mean, median, min of H and mean exp(H) over all trajectories; final_mean = mean H at
     the last (smallest) sigma; collapse_sigma as located by `collapse_sigma`. `entropy_of(x, sigma)`: H of each
     row (default topk_entropy here; the scan shares the rows among torchrun ranks, memaudit.shared_rows)."""

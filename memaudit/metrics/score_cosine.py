@@ -42,6 +42,12 @@ def _cosine_rows(a: Tensor, b: Tensor, x: Tensor, tol: float) -> Tensor:
     return 1.0 - cos
 
 
+def recorded_cosine_deviation(empirical: Denoiser, x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
+    """1 - cos(D(x) - x, D*(x) - x) per row, D(x) the model's output recorded along a trajectory; (B,)."""
+    x = x.to(empirical.points_device)
+    return cosine_deviation(denoised.to(x.device) - x, run_denoiser(empirical, x, sigma) - x, x)
+
+
 def score_cosine_deviation(model: Denoiser, empirical: Denoiser, x: Tensor, sigma: Tensor | float) -> Tensor:
     """1 - cos(D(x,s) - x, D*(x,s) - x) per sample, flattened; (B,) float64."""
     return cosine_deviation(run_denoiser(model, x, sigma) - x, run_denoiser(empirical, x, sigma) - x, x)
@@ -70,8 +76,7 @@ def cosine_on_trajectories(empirical: Denoiser, trajectories: list[Trajectory],
     out = {"sigmas": [], "mean": [], "std": []}
     if not trajectories:
         return out
-    deviation_of = deviation_of or (lambda x, d, sigma: cosine_deviation(d.to(x.device) - x,
-                                                                        run_denoiser(empirical, x, sigma) - x, x))
+    deviation_of = deviation_of or (lambda x, d, sigma: recorded_cosine_deviation(empirical, x, d, sigma))
     for step, sigma in enumerate(trajectories[0].sigmas):
         x = torch.cat([t.xs[step] for t in trajectories])
         d_model = torch.cat([t.denoised[step].to(x.device) for t in trajectories])
