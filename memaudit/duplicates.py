@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memaudit.neighbors import NeighborIndex
+from memaudit.neighbors import NeighborIndex, padded_square_radius
 from memaudit.pca import FIT_BYTES, MAX_PCA_FIT, pca_basis
 from memaudit.storage import rows_per_chunk
 
@@ -155,7 +155,7 @@ def rows_with_partner(projected: Tensor, radius: float) -> np.ndarray:
     step = rows_per_chunk(projected.shape[1], QUERY_ROWS, 8)
     blocks = range(0, projected.shape[0], step)
     sq = torch.cat([(projected[a:a + step].double() ** 2).sum(1) for a in blocks])
-    padded = (radius * 1.02) ** 2 + 1e-5 * (1.0 + float(sq.max()))
+    padded = padded_square_radius(radius, float(sq.max()))
     out = np.zeros(projected.shape[0], dtype=bool)
     for start in blocks:
         q = projected[start:start + step].double()

@@ -17,6 +17,13 @@ from memaudit.errors import UserError
 QUERY_FLOATS = 1 << 24  # at most ~64 MiB of float32 query rows per batch
 
 
+def padded_square_radius(radius: float, largest_square_norm: float) -> float:
+    """r^2 * 1.02 + 1e-5 (1 + max ||v||^2): a squared radius that rounding in ||q||^2 - 2 q.p + ||p||^2 (float32
+    GEMMs) cannot push a pair within `radius` past; candidates are then checked with exact distances. At
+    256x256x3 an exact copy's float32 value is at most a quarter of the padding."""
+    return radius * radius * 1.02 + 1e-5 * (1.0 + largest_square_norm)
+
+
 def _flat_numpy(x: Tensor) -> np.ndarray:
     """(N, ...) tensor -> C-contiguous float32 numpy array (N, d) on the CPU."""
     x = torch.as_tensor(x).detach()
@@ -63,7 +70,7 @@ class NeighborIndex:
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         scale = float(np.einsum("nd,nd->n", queries, queries, dtype=np.float64).max(initial=0.0))
-        padded = radius * radius * 1.02 + 1e-5 * (1.0 + scale)
+        padded = padded_square_radius(radius, scale)
         lims, _, idx = self.index.range_search(queries, padded)
         rows = np.repeat(np.arange(queries.shape[0]), np.diff(lims.astype(np.int64)))
         if len(idx) == 0:

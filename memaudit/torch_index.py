@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from memaudit.errors import UserError
+from memaudit.neighbors import padded_square_radius
 from memaudit.storage import ImageStore, rows_per_chunk
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -160,7 +161,8 @@ class TorchIndex:
         candidate then checked with its exact distance."""
         q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
         q_sq = (q.double() ** 2).sum(1)
-        padded = radius * radius * 1.02 + 1e-5 * (1.0 + float(q_sq.max()) if len(q_sq) else 1.0)
+        padded = padded_square_radius(radius, max(float(q_sq.max()) if len(q_sq) else 0.0,
+                                                  float(self.sq_norms.max())))
         out: list[tuple[int, int]] = []
         for start in range(0, self.num_points, self.chunk):
             stop = min(start + self.chunk, self.num_points)

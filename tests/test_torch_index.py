@@ -82,3 +82,14 @@ def test_a_torch_index_scan_reports_what_the_faiss_scan_reports(capsys, tmp_path
         reports[spec] = json.loads(out.read_text())
     assert reports["torch"]["runs"]["heun"]["nn_ratio"] == reports["exact"]["runs"]["heun"]["nn_ratio"]
     assert "index_recall" not in reports["torch"] and reports["torch"]["gates"] == []
+
+
+@pytest.mark.parametrize("index_type", [TorchIndex, NeighborIndex])
+def test_exact_copies_of_large_images_are_within_radius_zero(index_type):
+    """At d = 49152 (128x128x3) float32 ||q||^2 - 2 q.p + ||p||^2 of a copy is far from 0 (0.02 here); the
+    padded radius still proposes every copy, and the exact check keeps exactly the copies (radius 0)."""
+    gen = torch.Generator().manual_seed(3)
+    points = torch.randint(0, 256, (40, 49152), generator=gen).float() / 127.5 - 1
+    points[20:30] = points[:10]
+    pairs = index_type(points).pairs_within(points[:10].numpy(), 0.0)
+    assert sorted(pairs) == sorted([(i, i) for i in range(10)] + [(i, 20 + i) for i in range(10)])
