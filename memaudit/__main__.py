@@ -1,3 +1,3 @@
-from memaudit.cli.app import main
+from memaudit.cli.app import console_main
 
-main()
+console_main()

@@ -67,6 +67,33 @@ def test_console_script_runs(tmp_path):
     assert json.loads((tmp_path / "e.json").read_text())["summary"]["memorized_fraction"] == 1.0
 
 
+TEARDOWN_ABORTS = """
+import os, sys
+class AbortAtTeardown:  # as a native thread still alive at the interpreter's teardown can (SIGABRT)
+    def __del__(self):
+        os.abort()
+sys.modules["abort_at_teardown"] = AbortAtTeardown()
+import atexit
+atexit.register(lambda: print("exit handlers ran", file=sys.stderr))
+from memaudit.cli.app import {entry}
+sys.argv = ["memaudit", *sys.argv[1:]]
+{entry}()
+"""
+
+
+@pytest.mark.parametrize("entry, code", [("console_main", 1), ("main", -6)])
+def test_the_command_exits_with_its_code_whatever_the_teardown_does(tmp_path, entry, code):
+    """A failed gate is exit 1 even when the interpreter's teardown would abort (console_main, the `memaudit`
+    and `python -m memaudit` entry, skips it after the exit handlers and a flush); main() alone shows the
+    abort this guards against. The report and the whole terminal summary are there."""
+    proc = subprocess.run([sys.executable, "-c", TEARDOWN_ABORTS.format(entry=entry), "scan", "empirical", DATA,
+                           *FAST, "--fail-on", "memorized_fraction>0.5", "--json", str(tmp_path / "e.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert "exit handlers ran" in proc.stderr and proc.stdout.rstrip().endswith("status: FAIL (0/1 gates passed)")
+    assert json.loads((tmp_path / "e.json").read_text())["summary"]["memorized_fraction"] == 1.0
+
+
 def test_inception_features_without_clean_fid_is_a_clear_error(capsys):
     pytest.importorskip("torch")
     from memaudit.metrics.fid import cleanfid_available
