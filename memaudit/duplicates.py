@@ -140,29 +140,35 @@ def block_factor(image_shape: Sequence[int], tolerance: float) -> int:
 
 def block_means(index: NeighborIndex, image_shape: tuple, f: int) -> Tensor:
     """f x f block means of every point (as a (C, H, W) image), times f: an orthogonal projection's
-    coordinates (|P x|^2 = sum over blocks of f^2 mean^2 <= |x|^2), float32, chunk by chunk."""
+    coordinates (|P x|^2 = sum over blocks of f^2 mean^2 <= |x|^2), float32, chunk by chunk into one tensor
+    (a list of 1 MiB parts then cat held the projection twice, the parts left in the heap: 0.35 GiB at 256x256,
+    M = 30k)."""
     rows = rows_per_chunk(index.dim, QUERY_ROWS)
-    out = []
+    c, h, w = image_shape[-3:]
+    out = torch.empty((index.num_points, c * (h // f) * (w // f)))  # filled in place: no list of parts + cat
     for a in range(0, index.num_points, rows):
         x = torch.from_numpy(index.points(a, min(a + rows, index.num_points))).reshape(-1, *image_shape)
-        out.append(torch.nn.functional.avg_pool2d(x, f).mul_(f).reshape(x.shape[0], -1))
-    return torch.cat(out)
+        out[a:a + x.shape[0]] = torch.nn.functional.avg_pool2d(x, f).mul_(f).reshape(x.shape[0], -1)
+    return out
 
 
 def rows_with_partner(projected: Tensor, radius: float) -> np.ndarray:
-    """Boolean per row: another row within `radius` (padded for rounding) of it. Distances in float64, block
-    against block, so no float64 copy of the whole projection is held (30k x 3072 block means: 0.7 GB)."""
+    """Boolean per row: another row within `radius` of it, by float32 GEMMs block against block, in place,
+    against the padded radius (neighbors.padded_square_radius: their rounding cannot push a pair within `radius`
+    out; only candidates are kept, and find_duplicates checks each exactly). No copy of the projection is made
+    (30k x 3072 block means at 256x256: float64 blocks and their temporaries took 0.3 GB more)."""
     step = rows_per_chunk(projected.shape[1], QUERY_ROWS, 8)
     blocks = range(0, projected.shape[0], step)
-    sq = torch.cat([(projected[a:a + step].double() ** 2).sum(1) for a in blocks])
+    sq = torch.cat([projected[a:a + step].double().square_().sum(1) for a in blocks])
     padded = padded_square_radius(radius, float(sq.max()))
+    sq = sq.float()
     out = np.zeros(projected.shape[0], dtype=bool)
     for start in blocks:
-        q = projected[start:start + step].double()
+        q = projected[start:start + step]
         hit = torch.zeros(q.shape[0], dtype=torch.bool)
         for other in blocks:
-            d2 = sq[start:start + step, None] - 2 * (q @ projected[other:other + step].double().T) \
-                + sq[None, other:other + step]
+            d2 = torch.mm(q, projected[other:other + step].T).mul_(-2.0)
+            d2.add_(sq[start:start + step, None]).add_(sq[None, other:other + step])
             if other == start:
                 d2.fill_diagonal_(float("inf"))  # not itself
             hit |= (d2 <= padded).any(1)
@@ -179,8 +185,11 @@ def principal_projection(index: NeighborIndex) -> Tensor:
     mean, basis = pca_basis(sample, PROJECTION_DIMS)
     basis = torch.linalg.qr(basis).Q  # orthonormal to float64 precision, whatever the fit's small eigenvalues
     rows = rows_per_chunk(index.dim, QUERY_ROWS, 8)
-    return torch.cat([((torch.from_numpy(index.points(a, min(a + rows, index.num_points))).double() - mean) @ basis)
-                      .float() for a in range(0, index.num_points, rows)])
+    out = torch.empty((index.num_points, basis.shape[1]))  # filled in place: no list of parts + cat
+    for a in range(0, index.num_points, rows):
+        block = torch.from_numpy(index.points(a, min(a + rows, index.num_points))).double()
+        out[a:a + block.shape[0]] = ((block - mean) @ basis).float()
+    return out
 
 
 def distinct_second(dist: Tensor, idx: Tensor, labels: np.ndarray) -> tuple[Tensor, Tensor]:

@@ -104,14 +104,13 @@ class EmpiricalDenoiser(Denoiser):
 
     def rows(self, start: int, stop: int, reuse: bool = False) -> Tensor:
         """Training rows start:stop as float (d,) vectors: a view, or converted from the uint8 store (reuse: into
-        one buffer, overwritten by the next call: only where nothing keeps the rows, e.g. for autograd)."""
+        the store's shared buffer, overwritten by the next call of any of its users (the other empirical
+        denoisers and the neighbour index): only where the rows are consumed at once, not kept e.g. for autograd)."""
         if self.points is not None:
             return self.points[start:stop]
         if not reuse:
             return self.store.rows(start, stop)
-        if getattr(self, "_buffer", None) is None or self._buffer.shape[0] < stop - start:
-            self._buffer = self.store.buffer(self.chunk_size)
-        return self.store.rows(start, stop, out=self._buffer)
+        return self.store.rows(start, stop, out=self.store.shared_buffer(stop - start))
 
     def gather(self, idx: Tensor) -> Tensor:
         """Training rows at indices of any shape: idx.shape + (d,)."""

@@ -119,10 +119,6 @@ class ImageStore:
             _SHARED[self.device] = held = torch.empty(need, dtype=torch.float32, device=self.device)
         return held
 
-    def buffer(self, rows: int) -> Optional[Tensor]:
-        """A float32 buffer for `rows` rows (None for a float32 store, whose rows are views)."""
-        return torch.empty((rows, self.dim), dtype=torch.float32, device=self.device) if self.is_bytes else None
-
     def images(self, idx) -> Tensor:
         """float32 images (k, C, H, W) at the indices idx (a tensor, list or slice)."""
         if isinstance(idx, Tensor):

@@ -106,7 +106,7 @@ def test_block_factor_keeps_enough_of_a_distance_and_enough_dimensions():
 
 
 def test_rows_with_partner_block_against_block_equals_all_pairs(monkeypatch):
-    """The float64 distances are taken block against block (no float64 copy of the whole projection); with
+    """The distances are taken block against block (no copy of the whole projection); with
     blocks of 7 rows the rows with a partner are those of an all-pairs numpy search, a block's own diagonal
     excluded, pairs across blocks found."""
     import memaudit.duplicates as dup
@@ -122,3 +122,18 @@ def test_rows_with_partner_block_against_block_equals_all_pairs(monkeypatch):
     got = dup.rows_with_partner(points, radius)
     assert expected[[2, 25, 3, 10, 5, 20, 30]].all() and expected.sum() < 20
     assert np.array_equal(got, expected)
+
+
+def test_rows_with_partner_keeps_pairs_at_the_radius_in_float32():
+    """Block means of 256x256 images (3072 values, |x|^2 ~ 1000) by float32 GEMMs: a pair at 0.999 of the
+    radius is kept, one at 1.5 radii is not (the padding is 1e-5 |x|^2 + 2% of the squared radius)."""
+    import memaudit.duplicates as dup
+
+    gen = torch.Generator().manual_seed(5)
+    points = torch.rand(300, 3072, generator=gen) * 2 - 1
+    radius = 0.05 * rms_pair_distance(NeighborIndex(points))
+    direction = torch.randn(3072, generator=gen)
+    points[200] = points[11] + 0.999 * radius * direction / direction.norm()
+    points[201] = points[12] + 1.5 * radius * direction / direction.norm()
+    got = dup.rows_with_partner(points, radius)
+    assert got[[11, 200]].all() and not got[[12, 201]].any() and got.sum() == 2
