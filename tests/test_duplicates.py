@@ -106,9 +106,9 @@ def test_block_factor_keeps_enough_of_a_distance_and_enough_dimensions():
 
 
 def test_rows_with_partner_block_against_block_equals_all_pairs(monkeypatch):
-    """The distances are taken block against block (no copy of the whole projection); with
-    blocks of 7 rows the rows with a partner are those of an all-pairs numpy search, a block's own diagonal
-    excluded, pairs across blocks found."""
+    """The distances are taken block against block (no copy of the whole projection); with blocks of 7 rows
+    the rows with a partner are those of an all-pairs numpy search, a block's own diagonal excluded, pairs
+    across blocks found."""
     import memaudit.duplicates as dup
 
     points = planted(3, 12)

@@ -91,8 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         distributed.leave()
         raise SystemExit(exc.code) from None
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-        raise SystemExit(distributed.finish(code)) from None
+        raise SystemExit(distributed.finish(_exit_code(exc))) from None
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The process exit code a SystemExit stands for: its int, 0 for None, 2 for anything else."""
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 def console_main() -> None:
@@ -105,7 +109,7 @@ def console_main() -> None:
         main()
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        code = _exit_code(exc)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
