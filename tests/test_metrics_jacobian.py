@@ -8,7 +8,9 @@ from torch import nn
 from jacobians import jacobian_of
 from memaudit.denoiser import Denoiser
 from memaudit.empirical import EmpiricalDenoiser
-from memaudit.empirical_support import find_support, smallest_support
+from memaudit.storage import ImageStore
+from memaudit import empirical_support
+from memaudit.empirical_support import DENSE_BUDGET, DenseWeights, Support, find_support, smallest_support
 from memaudit.metrics.jacobian import empirical_jacobian_norm, jacobian_profile, model_jacobian_norm, step_expansion
 
 SHAPE = (1, 2, 3)  # d = 6
@@ -182,19 +184,20 @@ def test_profile():
     np.testing.assert_allclose(np.array(lin["model"]) / np.array(lin["empirical"]), lin["ratio"])
 
 
-@pytest.mark.parametrize("sigma", [0.05, 0.3, 3.0])
-def test_amortised_empirical_norm_matches_the_eigenvalues_of_the_weighted_covariance(sigma):
-    """M = 3000 points in R^16: the power iteration on the top-weight support (one pass over the training set)
-    gives the largest eigenvalue of Cov_w / sigma^2 computed in numpy from all M weights; at a large sigma,
-    where no small support holds the weight, it falls back to the streamed full sum."""
+@pytest.mark.parametrize("sigma,dense_bytes,kind", [(0.05, DENSE_BUDGET, Support), (0.3, DENSE_BUDGET, Support),
+                                                   (3.0, DENSE_BUDGET, DenseWeights), (3.0, 0, type(None))])
+def test_amortised_empirical_norm_matches_the_eigenvalues_of_the_weighted_covariance(sigma, dense_bytes, kind):
+    """M = 3000 points in R^16: the power iteration on the top-weight support (one pass over the training set),
+    on all M weights kept (a large sigma, where no small support holds the weight), or streamed (they do not fit)
+    gives the largest eigenvalue of Cov_w / sigma^2 computed in numpy from all M weights."""
     gen = torch.Generator().manual_seed(0)
     train = torch.randn(3000, 1, 4, 4, generator=gen)
     x = train[:6] + 0.5 * sigma * torch.randn(6, 1, 4, 4, generator=gen)
-    model = EmpiricalDenoiser(train)
+    model = EmpiricalDenoiser(train, chunk_size=700)  # chunks that do not divide M
     budget = 6 * 16 * 4 * 200  # at most 200 points per sample
-    assert (find_support(model, x, sigma, budget_bytes=budget) is not None) == (sigma < 1)
+    assert type(find_support(model, x, sigma, budget_bytes=budget, dense_bytes=dense_bytes)) is kind
     got = empirical_jacobian_norm(model, x, sigma, iters=200, generator=torch.Generator().manual_seed(1),
-                                  support_bytes=budget)
+                                  support_bytes=budget, dense_bytes=dense_bytes)
     pts, xs = train.reshape(3000, -1).double().numpy(), x.reshape(6, -1).double().numpy()
     want = []
     for row in xs:
@@ -204,6 +207,31 @@ def test_amortised_empirical_norm_matches_the_eigenvalues_of_the_weighted_covari
         centred = pts - w @ pts
         want.append(np.linalg.eigvalsh((centred * w[:, None]).T @ centred / sigma**2).max())
     np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_rows", [50, 10**6])
+def test_dense_weights_jvp_is_the_weighted_covariance_times_v_and_reads_a_uint8_store(block_rows, monkeypatch):
+    """DenseWeights.jvp against Cov_w v / sigma^2 in float64 numpy, over a float32 set and the same set kept as
+    uint8 bytes (converted chunk by chunk; the values equal the float32 set's), in blocks of 50 rows (which
+    divide neither the chunks nor M) or one block per chunk."""
+    monkeypatch.setattr(empirical_support, "BLOCK_BYTES", block_rows * 48 * 4)
+    gen = torch.Generator().manual_seed(5)
+    u8 = torch.randint(0, 256, (900, 3, 4, 4), dtype=torch.uint8, generator=gen)
+    floats = u8.float() / 127.5 - 1
+    x = floats[:4] + 2.0 * torch.randn(4, 3, 4, 4, generator=gen)
+    v = torch.randn(4, 3, 4, 4, generator=gen)
+    pts, xs, vs = (t.reshape(len(t), -1).double().numpy() for t in (floats, x, v))
+    want = []
+    for row, vec in zip(xs, vs):
+        logits = -((pts - row) ** 2).sum(1) / (2 * 2.0**2)
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        centred = pts - w @ pts
+        want.append((centred * w[:, None]).T @ (centred @ vec) / 2.0**2)
+    for train in (floats, ImageStore(u8)):
+        dense = find_support(EmpiricalDenoiser(train, chunk_size=128), x, 2.0, budget_bytes=4 * 48 * 4 * 5)
+        assert isinstance(dense, DenseWeights)
+        np.testing.assert_allclose(dense.jvp(v).reshape(4, -1).double().numpy(), np.array(want), rtol=2e-4, atol=1e-5)
 
 
 def test_support_bound_holds_against_the_full_softmax():
@@ -241,7 +269,7 @@ def test_a_single_dominant_point_has_jacobian_exactly_zero_not_rounding_noise():
     exact = empirical_jacobian_norm(model, x, 0.02, iters=5, generator=torch.Generator().manual_seed(1))
     assert float(exact.abs().max()) == 0.0
     streamed = empirical_jacobian_norm(model, x, 0.02, iters=5, generator=torch.Generator().manual_seed(1),
-                                       support_bytes=0)
+                                       support_bytes=0, dense_bytes=0)
     assert float(streamed.max()) > 0  # the noise the support removes
 
 

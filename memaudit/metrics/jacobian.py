@@ -18,7 +18,7 @@ from torch import Tensor
 from memaudit.cost import Work
 from memaudit.denoiser import Denoiser, as_sigma
 from memaudit.empirical import EmpiricalDenoiser
-from memaudit.empirical_support import DEFAULT_BUDGET, find_support
+from memaudit.empirical_support import DEFAULT_BUDGET, DENSE_BUDGET, find_support
 from memaudit.metrics.base import SCAN, Metric, Plot, RunData, ScanContext, Series
 from memaudit.metrics.helpers import device_of
 from memaudit.numbers import finite, finite_or_none, fmt
@@ -85,15 +85,17 @@ def model_jacobian_norm(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, it
 
 
 def empirical_jacobian_norm(empirical: EmpiricalDenoiser, x: Tensor, sigma: Tensor | float, iters: int = 20,
-                            generator: torch.Generator | None = None, support_bytes: int = DEFAULT_BUDGET) -> Tensor:
+                            generator: torch.Generator | None = None, support_bytes: int = DEFAULT_BUDGET,
+                            dense_bytes: int = DENSE_BUDGET) -> Tensor:
     """||dD*/dx||_2 = largest eigenvalue of Cov_w(x_i) / (sigma^2 T): power iteration v <- J v / ||J v||; (B,).
-    Amortised: where a few points carry the weight (memaudit.empirical_support), one pass over the training set
-    finds them and the iterations run on them, centred (exactly 0 for one point); elsewhere each iteration streams."""
+    Amortised (memaudit.empirical_support): where a few points carry the weight, one pass over the training set
+    finds them and the iterations run on them, centred (exactly 0 for one point); where the weight is spread, the
+    B x M weights are kept and each iteration is two GEMMs per pass; else each iteration streams four."""
     x = x.detach().to(empirical.points_device)
     sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else sigma
     v = _start_vector(x, generator)
     with torch.no_grad():
-        support = find_support(empirical, x, sigma, budget_bytes=support_bytes)
+        support = find_support(empirical, x, sigma, budget_bytes=support_bytes, dense_bytes=dense_bytes)
         jvp = support.jvp if support is not None else (lambda u: empirical.jvp(x, sigma, u))  # noqa: E731
         for _ in range(iters):
             v = _normalise(jvp(v))
@@ -154,11 +156,14 @@ class Jacobian(Metric):
 
     def cost(self, w, sampler=None):
         """Per metric sigma and point: the empirical norm (a support pass, 2 M d; where the weight is spread, taken
-        as sigma >= 1, every power iteration streams two GEMMs and a product, 6 M d), the model's (the same for a
-        closed-form model, else iters + 1 J^T J products through the network) and one sampler step twice."""
+        as sigma >= 1, a pass for D* and two GEMMs per power iteration, 4 M d, with the B x M weights kept, else
+        four streamed GEMMs, 8 M d), the model's (the same for a closed-form model, else iters + 1 J^T J products
+        through the network) and one sampler step twice."""
         points, sigmas = min(w.jacobian_points, w.num_train), w.metric_sigmas
         spread = sum(1 for s in w.extra.get("sigmas", []) if s >= 1.0)
-        empirical = Work(flops=2.0 * w.num_train * w.dim * points * (sigmas + 3 * spread * (w.jacobian_iters + 1)))
+        dense = points * w.num_train * 4 <= DENSE_BUDGET
+        per_spread = 1 + 2 * (w.jacobian_iters + 1) if dense else 4 * (w.jacobian_iters + 1)
+        empirical = Work(flops=2.0 * w.num_train * w.dim * points * (sigmas + spread * per_spread))
         model = empirical if w.empirical_model else Work(jacobian_rows=points * sigmas * (w.jacobian_iters + 1))
         step = w.model_rows(2 * points * sigmas * (SAMPLERS[w.samplers[0]].evals(2) - SAMPLERS[w.samplers[0]].evals(1)))
         return empirical + model + step
