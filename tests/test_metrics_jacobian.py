@@ -8,6 +8,7 @@ from torch import nn
 from jacobians import jacobian_of
 from memaudit.denoiser import Denoiser
 from memaudit.empirical import EmpiricalDenoiser
+from memaudit.sampling import SAMPLERS
 from memaudit.storage import ImageStore
 from memaudit import empirical_support
 from memaudit.empirical_support import DENSE_BUDGET, DenseWeights, Support, find_support, smallest_support
@@ -166,6 +167,25 @@ def test_step_expansion_linear_closed_form(a, s, s_next):
     x[0] = 0  # zero input: delta falls back to eps * sqrt(d)
     est = step_expansion(Linear(a), x, s, s_next, generator=torch.Generator().manual_seed(7))
     np.testing.assert_allclose(est.numpy(), abs(heun_factor(a, s, s_next)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "sde", "edm-sde", "ddpm", "pc"])
+def test_step_expansion_is_one_step_of_x_plus_delta_against_one_of_x_with_the_same_noise(sampler):
+    """A nonlinear model (MLPDenoiser): the metric, which steps x + delta and x as one batch, equals two separate
+    calls of the sampler's step with the same noise z, ||Phi(x + delta) - Phi(x)|| / ||delta||."""
+    model = MLPDenoiser()
+    x = torch.randn(5, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    got = step_expansion(model, x, 1.5, 0.7, generator=torch.Generator().manual_seed(9), sampler=sampler)
+    gen = torch.Generator().manual_seed(9)  # the metric's draws, in its order: delta's direction, then z
+    norms = lambda t: t.reshape(5, -1).norm(dim=1).reshape(5, 1, 1, 1)  # noqa: E731
+    delta = torch.randn(x.shape, generator=gen, dtype=torch.float32).double()
+    delta = delta / norms(delta) * 1e-3 * norms(x)
+    z = torch.randn(x.shape, generator=gen, dtype=torch.float32).double()
+    step = SAMPLERS[sampler].fn
+    with torch.no_grad():
+        diff = step(model, x + delta, [1.5, 0.7], lambda like: z) - step(model, x, [1.5, 0.7], lambda like: z)
+    want = diff.reshape(5, -1).norm(dim=1) / delta.reshape(5, -1).norm(dim=1)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
 
 
 def test_profile():

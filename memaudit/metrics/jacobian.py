@@ -113,12 +113,12 @@ def step_expansion(denoiser: Denoiser, x: Tensor, s_cur: float, s_next: float, e
     step = SAMPLERS[sampler].fn
     z = (torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
          if SAMPLERS[sampler].stochastic else None)
-    same_noise = lambda like: z  # noqa: E731 - one step draws its noise once
+    same_noise = lambda like: torch.cat([z, z])  # noqa: E731 - one step draws its noise once, for both halves
     extra = {"nearest": nearest} if SAMPLERS[sampler].needs_nearest else {}
     sigmas = [float(s_cur), float(s_next)]
-    with torch.no_grad():
-        diff = step(denoiser, x + delta, sigmas, same_noise, **extra) - step(denoiser, x, sigmas, same_noise, **extra)
-    return (_norms(diff) / _norms(delta)).reshape(-1)
+    with torch.no_grad():  # x + delta and x as one batch: one pass of the model (rows are independent)
+        moved, base = step(denoiser, torch.cat([x + delta, x]), sigmas, same_noise, **extra).chunk(2)
+    return (_norms(moved - base) / _norms(delta)).reshape(-1)
 
 
 def jacobian_profile(model: Denoiser, empirical: EmpiricalDenoiser, x0: Tensor, sigmas: list[float],
