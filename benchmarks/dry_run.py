@@ -35,7 +35,6 @@ def compare(model_spec: str, data: str, samples: int) -> bool:
     lines = dry_run(model, train, config)
     predicted = {}
     for line in lines[2:-2]:
-
         predicted[line[:28].strip()] = float(line.split()[-2])
     measured, total, _ = timed_scan(model_spec, data, config)
     measured["setup (index, duplicates)"] = measured.pop("setup")
