@@ -12,6 +12,10 @@ that rank 0 broadcasts, then scatters the blocks of rows (block b to rank b mod 
 worker answers Calls wherever it waits for rank 0. When rank 0 exits it broadcasts its exit code, and every rank
 exits with it (a worker waiting for a run that never comes learns the code instead). Collectives use gloo on CPU
 objects, for CPU and GPU ranks alike.
+
+The first collective of a job is agree(): every rank sends digests of what it loaded (data, model, settings), or,
+from finish(), that it failed before getting there, so a rank that stops early or loaded another training set
+stops the whole job with exit 2 instead of leaving the others waiting on a collective it never joins.
 """
 
 from __future__ import annotations
@@ -109,16 +113,56 @@ def start() -> None:
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
 
 
+_agreed = False  # whether this rank has taken part in agree() (every rank does, once, before the scan)
+
+
+def agree(fingerprint: dict) -> None:
+    """Every rank, before the scan's first other collective: check that the ranks loaded the same thing
+    (`fingerprint`: digests of the data, the model and the settings) and that none failed before it. A rank
+    whose data or model differs would answer rank 0's row work from its own copy: the report would mix two
+    training sets and could pass a gate that one process fails. UserError on every rank when they differ;
+    when a rank failed first (it takes part from finish()), rank 0 says which, and the others stop with it."""
+    if not active():
+        return
+    statuses = _gather_status(("ok", fingerprint))
+    failed = [(r, status[1]) for r, status in enumerate(statuses) if status[0] != "ok"]
+    if failed:
+        if not is_main():
+            raise Stopped(_expect_stop())
+        where, code = failed[0]
+        message = f"torchrun rank {where} stopped before the scan began (exit {code}): see its error above"
+        raise UserError(message) if code == 2 else RuntimeError(message)
+    differ = sorted(k for k in fingerprint if any(status[1].get(k) != fingerprint[k] for status in statuses))
+    if differ:
+        ranks = [r for r, status in enumerate(statuses) if status[1] != statuses[0][1]]
+        raise UserError(f"torchrun ranks {', '.join(map(str, ranks))} loaded another {' and '.join(differ)} than "
+                        "rank 0: every rank must load the same model, data and settings (a stale copy on one "
+                        "node?)")
+
+
+def _gather_status(status: tuple) -> list:
+    global _agreed
+    _agreed = True
+    statuses: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(statuses, status)
+    return statuses
+
+
 def finish(code: int) -> int:
     """The command's exit code on every rank: rank 0 broadcasts its own; a worker that finished its runs waits
-    for it. Leaves the process group."""
+    for it. A rank that stopped before agree() takes part in it first, as failed. Leaves the process group.
+    A lost peer or an interrupt here keeps this rank's own code (nothing is left to coordinate)."""
     if not active():
         return code
     try:
+        if not _agreed:
+            _gather_status(("failed", int(code)))
         if is_main():
             _broadcast(Stop(int(code)))
         else:
-            code = _expect_stop()
+            code = _expect_stop(code)
+    except (RuntimeError, KeyboardInterrupt):  # gloo's "connection closed by peer", Ctrl-C while waiting
+        pass
     finally:
         leave()
     return code
@@ -130,9 +174,10 @@ def leave() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _expect_stop() -> int:
+def _expect_stop(code: int = 3) -> int:
+    """A worker's wait for rank 0's Stop: its code (or `code` when rank 0 sends anything else)."""
     message = _next_order()
-    return message.code if isinstance(message, Stop) else 3
+    return message.code if isinstance(message, Stop) else code
 
 
 def local_device(device: str) -> str:

@@ -65,6 +65,7 @@ def share_rows(out: str, fail_on_rank: int) -> None:
 
 def main(scenario: str, out: str) -> int:
     distributed.start()
+    distributed.agree({"scenario": scenario})  # the first collective of every job (memaudit.distributed)
     if scenario.startswith("rows"):
         try:
             share_rows(out, 1 if scenario == "rows-fail" else -1)

@@ -31,12 +31,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(argv: list[str], tmp_path: Path, world: int = RANKS, script: list[str] | None = None):
+def run_ranks(argv: list[str], tmp_path: Path, world: int = RANKS, script: list[str] | None = None,
+              per_rank: list[list[str]] | None = None):
     """Start `world` ranks as torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); their
-    (exit code, stderr) in rank order."""
+    (exit code, stderr) in rank order. per_rank: each rank's own scan arguments (instead of argv)."""
     port = free_port()
     procs = []
     for rank in range(world):
+        argv = per_rank[rank] if per_rank is not None else argv
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "MEMAUDIT_CACHE": str(tmp_path / "cache"),
                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
@@ -95,6 +97,28 @@ def test_an_error_only_rank_0_sees_stops_every_rank_with_its_code(tmp_path):
     codes = run_ranks([MODEL, str(data), *SCAN], tmp_path)
     assert [c for c, _ in codes] == [2, 2], codes
     assert "near-duplicate" in codes[0][1] and codes[1][1] == ""
+
+
+def test_ranks_that_loaded_other_data_stop_the_job_as_bad_input(tmp_path):
+    """Rank 1 reads another training set of the same shape (a stale copy on another node): in one process the
+    gate fails; sharing the work, rank 1 would search its own copy and the job could pass. Both exit 2."""
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8))
+    gate = ["--fail-on", "memorized_fraction>0.5"]
+    codes = run_ranks([], tmp_path, per_rank=[[MODEL, DATA, *SCAN, *gate], [MODEL, str(other), *SCAN, *gate]])
+    assert [c for c, _ in codes] == [2, 2], codes
+    assert "torchrun ranks 1 loaded another data than rank 0" in codes[0][1], codes[0][1]
+    assert all("Traceback" not in err for _, err in codes)
+
+
+def test_a_rank_that_fails_alone_before_the_scan_stops_every_rank_as_bad_input(tmp_path):
+    """Only rank 1's DATA is missing: it prints its error, rank 0 says which rank stopped; both exit 2 (rank 1
+    used to wait for a Stop while rank 0 began sampling, and exit 3)."""
+    codes = run_ranks([], tmp_path, per_rank=[[MODEL, DATA, *SCAN], [MODEL, str(tmp_path / "gone.npz"), *SCAN]])
+    assert [c for c, _ in codes] == [2, 2], codes
+    assert "torchrun rank 1 stopped before the scan began (exit 2)" in codes[0][1]
+    assert codes[1][1].startswith("error: ") and "gone.npz" in codes[1][1]
+    assert all("Traceback" not in err for _, err in codes)
 
 
 def test_other_commands_refuse_torchrun(tmp_path):

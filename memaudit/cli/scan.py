@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from memaudit.atomic import check_distinct_paths, check_writable
 from memaudit.cli import options as opt
 from memaudit.data import load_dataset, parse_value_range
 from memaudit.errors import UserError
+from memaudit.fingerprints import data_fingerprint, model_fingerprint
 from memaudit.imagecache import OFF
 from memaudit.gates import check_gate_metrics, exit_code, parse_gates
 from memaudit.indexes import is_approximate
@@ -148,6 +150,7 @@ def scan(
         for line in plan_scan(denoiser, train, config, holdout=held):
             Console().print(line, markup=False, highlight=False)
         return 0
+    distributed.agree(rank_fingerprint(train, denoiser, held, config))  # under torchrun: the same on every rank
     notes = Console(stderr=True)
     runner = run_latent_scan if is_latent(denoiser) else run_scan
     try:
@@ -169,6 +172,18 @@ def scan(
         shutil.rmtree(result.workdir, ignore_errors=True)  # only once every report is written
     print_summary(result.report, Console())
     return exit_code(result.report["status"])
+
+
+def rank_fingerprint(train, denoiser, held, config: ScanConfig) -> Optional[dict]:
+    """What every torchrun rank must have loaded alike: digests of the training images, the model's weights,
+    the held-out images and the settings (but the device: cuda means each rank's own GPU). None in one process
+    (nothing to compare, nothing hashed)."""
+    if not distributed.active():
+        return None
+    settings = {k: v for k, v in config.settings().items() if k != "device"}
+    return {"data": data_fingerprint(train), "model": model_fingerprint(denoiser),
+            "held-out data": data_fingerprint(held) if held is not None else None,
+            "settings": json.dumps(settings, sort_keys=True, default=str)}
 
 
 def recall_gate(index: str, min_recall: float) -> list:
