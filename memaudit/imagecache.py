@@ -15,13 +15,25 @@ dtype and sha256; the .npy must load without pickles and match all three.  Anyth
 is decoded afresh and the entry rewritten).  Both files are written atomically, the .npy first, so an
 interrupted write leaves at most a .npy without a sidecar, which is never used.  A cache folder that cannot be
 written costs the cache, never the load.  Entries are not evicted: delete the folder to reclaim the space.
+
+Threat: whoever can write the cache folder (a CI cache restored from another branch or a fork's pull request)
+could put other pixels in <key>.npy and their sha256 in the sidecar, and the scan would audit the wrong
+training set (a memorizing model passes the gate).  So each sidecar carries an HMAC-SHA256 (`mac`) over its
+fields (version, key, kind, dtype, shape, sha256, reading) under a secret kept out of the cache:
+$MEMAUDIT_CACHE_SECRET when set (a CI keeps it in its secret store), else 32 random bytes in
+$XDG_CONFIG_HOME (or ~/.config)/memaudit/cache.key, created 0600 (folder 0700) on first use.  A missing or
+wrong MAC (tampered, or written under another secret) is a miss; no usable secret means no cache for that
+load (a note says why), never a load from an unauthenticated entry.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import hmac
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,11 +42,15 @@ import numpy as np
 from memaudit.atomic import atomic_path
 from memaudit.errors import UserError, first_lines
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: sidecars carry an HMAC (version 1 entries, without one, are never read)
 KINDS = {"bytes": np.uint8, "float": np.float32}
 OFF = ("off", "none", "0", "false", "no")
 READ_BYTES = 1 << 20
 DIGEST_BYTES = 16 << 20
+SECRET_ENV = "MEMAUDIT_CACHE_SECRET"
+KEY_BYTES = 32
+MAC_FIELDS = ("version", "key", "kind", "dtype", "shape", "sha256", "reading")
+MAC_CONTEXT = b"memaudit image cache entry\n"
 
 
 def cache_dir(setting: "str | os.PathLike | None" = None) -> Optional[Path]:
@@ -85,20 +101,125 @@ def array_digest(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def key_file() -> Path:
+    """The per-user cache secret: $XDG_CONFIG_HOME (or ~/.config)/memaudit/cache.key."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base).expanduser() / "memaudit" / "cache.key"
+
+
+def cache_secret(directory: Optional[Path] = None) -> tuple[Optional[bytes], str]:
+    """(the secret that authenticates cache entries, "") or (None, why there is none: caching is then off).
+
+    $MEMAUDIT_CACHE_SECRET when set and non-empty, else the bytes of key_file(), created (32 random bytes, mode
+    0600, its folder 0700) when it does not exist.  A key file inside the cache folder `directory` is refused:
+    whoever writes the cache could then write the key too."""
+    shared = os.environ.get(SECRET_ENV)
+    if shared:
+        return shared.encode("utf-8", "surrogateescape"), ""
+    try:
+        path = key_file()
+    except (RuntimeError, KeyError) as exc:  # no home folder to find ~/.config in
+        return None, f"no cache secret: set {SECRET_ENV} or XDG_CONFIG_HOME ({first_lines(exc)})"
+    if directory is not None and _within(path, directory):
+        return None, (f"no cache secret: the key file {path} lies inside the cache folder {directory} "
+                      f"(set {SECRET_ENV} or XDG_CONFIG_HOME)")
+    try:
+        secret = _read_key(path)
+        if secret is None:
+            secret = _create_key(path)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        return None, f"no cache secret: cannot read or create {path}: {exc.strerror or first_lines(exc)}{where}"
+    if len(secret) != KEY_BYTES:
+        return None, (f"no cache secret: {path} holds {len(secret)} bytes, not a {KEY_BYTES}-byte key "
+                      "(delete it to make a new one)")
+    return secret, ""
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
+    return inner == outer or outer in inner.parents
+
+
+def _read_key(path: Path) -> Optional[bytes]:
+    """The key file's bytes (at most KEY_BYTES + 1 are read), or None when it does not exist."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(KEY_BYTES + 1)
+    except FileNotFoundError:
+        return None
+
+
+def _create_key(path: Path) -> bytes:
+    """Create the key file atomically (written in full to a private temporary file, then linked into place, so
+    no reader sees a partial key); when another process created it first, its key is the one used."""
+    folder = path.parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+        os.chmod(folder, 0o700)  # whatever the umask
+    except FileExistsError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(os.urandom(KEY_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # never replaces a key another process created meanwhile
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            os.replace(tmp, path)  # a file system without hard links
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    secret = _read_key(path)
+    if secret is None:
+        raise OSError(errno.ENOENT, "the key file vanished as it was created", str(path))
+    return secret
+
+
+def entry_mac(secret: bytes, meta: dict) -> str:
+    """HMAC-SHA256 hex of a sidecar's MAC_FIELDS (canonical JSON) under `secret`."""
+    fields = json.dumps({name: meta.get(name) for name in MAC_FIELDS}, sort_keys=True, separators=(",", ":"),
+                        ensure_ascii=True)
+    return hmac.new(secret, MAC_CONTEXT + fields.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _authentic(secret: bytes, meta: dict) -> bool:
+    """Whether the sidecar's `mac` is entry_mac of its fields (compared in constant time)."""
+    mac = meta.get("mac")
+    if not isinstance(mac, str):
+        return False
+    return hmac.compare_digest(mac.encode("utf-8", "backslashreplace"), entry_mac(secret, meta).encode("ascii"))
+
+
 def _paths(directory: Path, key: str) -> tuple[Path, Path]:
     return directory / f"{key}.npy", directory / f"{key}.json"
 
 
 def load(directory: Optional[Path], key: Optional[str]) -> tuple[Optional[tuple[np.ndarray, dict]], str]:
-    """((pixels, sidecar), "") for a valid entry (bytes memory-mapped, float read into memory), else
-    (None, why it was not used: "" for no entry)."""
+    """((pixels, sidecar), "") for a valid, authenticated entry (bytes memory-mapped, float read into memory),
+    else (None, why it was not used: "" for no entry)."""
     if directory is None or key is None:
         return None, ""
     npy, meta_path = _paths(directory, key)
     if not meta_path.exists():
         return None, ""
+    secret, problem = cache_secret(directory)
+    if secret is None:
+        return None, problem
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION or meta.get("key") != key:
+            return None, "its sidecar is not this entry's"
+        if not _authentic(secret, meta):
+            return None, ("its sidecar's MAC does not verify (tampered with, or written under another cache "
+                          "secret)")
         pixels = np.load(npy, allow_pickle=False, mmap_mode="r")
         problem = _inconsistency(meta, key, pixels)
     except Exception as exc:  # noqa: BLE001 - a damaged entry of any kind is a miss, never a crash
@@ -123,13 +244,17 @@ def _inconsistency(meta, key: str, pixels: np.ndarray) -> str:
 
 
 def store(directory: Optional[Path], key: Optional[str], pixels: np.ndarray, kind: str, reading: str) -> str:
-    """Write the entry (the .npy, then its sidecar, each atomically); "" on success or when caching is off,
-    else why it could not be written (the load goes on without it)."""
+    """Write the entry (the .npy, then its authenticated sidecar, each atomically); "" on success or when
+    caching is off, else why it could not be written (the load goes on without it)."""
     if directory is None or key is None:
         return ""
+    secret, problem = cache_secret(directory)
+    if secret is None:
+        return problem
     npy, meta_path = _paths(directory, key)
     meta = {"version": CACHE_VERSION, "key": key, "kind": kind, "dtype": str(pixels.dtype),
             "shape": list(pixels.shape), "sha256": array_digest(pixels), "reading": reading}
+    meta["mac"] = entry_mac(secret, meta)
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         with atomic_path(npy) as tmp, open(tmp, "wb") as fh:

@@ -27,3 +27,14 @@ def image_cache(tmp_path_factory, monkeypatch):
     folder = tmp_path_factory.mktemp("image-cache")
     monkeypatch.setenv("MEMAUDIT_IMAGE_CACHE", str(folder))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def config_home(tmp_path_factory, monkeypatch):
+    """Every test keeps its image cache secret (memaudit.imagecache.cache_secret: $XDG_CONFIG_HOME/memaudit/
+    cache.key) in a fresh folder of its own, never in ~/.config, and no MEMAUDIT_CACHE_SECRET of the caller's
+    environment reaches it."""
+    folder = tmp_path_factory.mktemp("config-home")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(folder))
+    monkeypatch.delenv("MEMAUDIT_CACHE_SECRET", raising=False)
+    return folder
