@@ -62,6 +62,9 @@ class NeighborIndex:
         """Indexed points start:stop as a float32 array (a copy)."""
         return self.index.reconstruct_n(start, stop - start)
 
+    unit = 1.0  # faiss's coordinates are `unit` times ours (memaudit.ivf.ByteIVFIndex holds bytes)
+    largest_square_norm = 0.0  # of the indexed points, in faiss's units, where the padding needs it
+
     def pairs_within(self, queries: np.ndarray, radius: float) -> list[tuple[int, int]]:
         """(query row, point index) pairs with ||q - p|| <= radius, distances checked exactly.
 
@@ -69,27 +72,36 @@ class NeighborIndex:
         exact copies may come out slightly positive); each candidate is kept only if its exact distance fits.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        scale = float(np.einsum("nd,nd->n", queries, queries, dtype=np.float64).max(initial=0.0))
-        padded = padded_square_radius(radius, scale)
-        lims, _, idx = self.index.range_search(queries, padded)
+        scaled = self._faiss_queries(queries)
+        scale = float(np.einsum("nd,nd->n", scaled, scaled, dtype=np.float64).max(initial=0.0))
+        padded = padded_square_radius(radius * self.unit, max(scale, self.largest_square_norm))
+        lims, _, idx = self.index.range_search(scaled, padded)
         rows = np.repeat(np.arange(queries.shape[0]), np.diff(lims.astype(np.int64)))
         if len(idx) == 0:
             return []
-        diff = queries[rows].astype(np.float64) - self.index.reconstruct_batch(idx)  # exact: no rounding
+        diff = queries[rows].astype(np.float64) - self._exact_rows(idx)  # exact: no rounding
         dist = np.sqrt(np.einsum("nd,nd->n", diff, diff, dtype=np.float64))
         keep = dist <= radius
         return list(zip(rows[keep].tolist(), idx[keep].astype(np.int64).tolist()))
 
+    def _faiss_queries(self, q: np.ndarray) -> np.ndarray:
+        """Query rows in faiss's coordinates (here the same)."""
+        return q
+
+    def _exact_rows(self, ids: np.ndarray) -> np.ndarray:
+        """The indexed points at `ids` (n, d), as the exact re-check reads them."""
+        return self.index.reconstruct_batch(ids)
+
     def _candidates(self, q: np.ndarray, k: int) -> np.ndarray:
         """The k candidate indices per query row (faiss's own ranking)."""
-        return self.index.search(q, k)[1]
+        return self.index.search(self._faiss_queries(q), k)[1]
 
     def _search_batch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """faiss search, then exact distances to the k candidates and a stable re-sort."""
         idx = self._candidates(q, k)
         dist = np.empty(idx.shape, dtype=np.float32)
         for j in range(k):
-            diff = q.astype(np.float64) - self.index.reconstruct_batch(idx[:, j])  # float64: exact differences
+            diff = q.astype(np.float64) - self._exact_rows(idx[:, j])  # float64: exact differences
             dist[:, j] = np.sqrt(np.maximum(np.einsum("nd,nd->n", diff, diff, dtype=np.float64), 0.0))
         order = np.argsort(dist, axis=1, kind="stable")
         return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1).astype(np.int64)

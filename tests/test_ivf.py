@@ -6,8 +6,9 @@ import torch
 
 from memaudit.errors import UserError
 from memaudit.indexes import build_index, parse_index
-from memaudit.ivf import IVFIndex, default_nlist
+from memaudit.ivf import ByteIVFIndex, IVFIndex, default_nlist
 from memaudit.metrics.index_recall import recall_of
+from memaudit.storage import ImageStore
 
 from tests.cli_helpers import run_cli
 
@@ -98,3 +99,68 @@ def test_cells_too_small_for_k_are_widened_not_padded():
     assert int(idx.min()) >= 0
     direct = (points[:50, None, :] - points[idx]).norm(dim=-1)
     np.testing.assert_allclose(dist.numpy(), direct.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def byte_store(n=1500, d=(3, 4, 4), seed=0, copies=0):
+    """A uint8 ImageStore of clustered bytes (NHWC memory, read as NCHW like a loaded .npy); `copies` rows repeat
+    earlier ones exactly."""
+    rng = np.random.default_rng(seed)
+    centres = rng.integers(30, 226, (20, d[1], d[2], d[0]))
+    u = np.clip(centres[rng.integers(0, 20, n)] + rng.normal(0, 12, (n, d[1], d[2], d[0])), 0, 255).astype(np.uint8)
+    u[n - copies:] = u[:copies]
+    return ImageStore(torch.from_numpy(u).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_ivf_over_a_uint8_store_scanning_every_cell_is_the_exact_search(scale):
+    """ByteIVFIndex (faiss holds the byte values) with nprobe = nlist: the exact neighbours of brute force over
+    the store's float32 values u / 127.5 - 1, with their exact distances, also for queries beyond the pixel
+    range (scale 1.5: samples need not stay in [-1, 1]; d = 48, a multiple of 16); with one cell of 30 scanned,
+    it still returns real neighbours at exact distances, and finds most of the true ones."""
+    store = byte_store()
+    points = store.float().reshape(len(store), -1)
+    noise = 0.05 * torch.randn(40, points.shape[1], generator=torch.Generator().manual_seed(2))
+    queries = (points[:40] + noise) * scale
+    ref = brute_force(queries, points, 5)
+    full = ByteIVFIndex(store, nlist=30, nprobe=30)
+    dist, idx = full.search(queries, 5)
+    assert torch.equal(idx, ref.indices[:, :5])
+    np.testing.assert_allclose(dist.numpy(), ref.values[:, :5].numpy(), rtol=1e-6)
+    one = ByteIVFIndex(store, nlist=30, nprobe=1)
+    dist, idx = one.search(queries, 5)
+    direct = (queries.double()[:, None, :] - points.double()[idx]).norm(dim=-1)
+    np.testing.assert_allclose(dist.numpy(), direct.numpy(), rtol=1e-6)
+    found = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(idx.tolist(), ref.indices[:, :5].tolist())])
+    assert found > 0.5
+
+
+def test_ivf_over_a_uint8_store_finds_exact_copies_within_a_radius():
+    """pairs_within over the store's own rows: every pair of exact copies (distance 0) and every pair brute
+    force puts within the radius, and no other (scanning every cell)."""
+    store = byte_store(copies=25)
+    points = store.float().reshape(len(store), -1)
+    index = ByteIVFIndex(store, nlist=20, nprobe=20)
+    radius = 0.3
+    got = {(i, j) for i, j in index.pairs_within(points.numpy(), radius) if i != j}
+    dist = brute_force(points, points, len(store))
+    want = set()
+    for i in range(len(store)):
+        for value, j in zip(dist.values[i].tolist(), dist.indices[i].tolist()):
+            if value > radius:
+                break
+            if j != i:
+                want.add((i, j))
+    assert {(i, i - 1500 + 25) for i in range(1475, 1500)} <= got  # the copies
+    assert got == want
+
+
+def test_a_scan_of_a_uint8_set_takes_ivf_and_measures_its_recall(capsys, tmp_path, monkeypatch):
+    """Over the float budget the set stays uint8; --index ivf runs on it (it was refused) and reports its recall;
+    scanning every cell it gives the exact index's NN-ratio section."""
+    monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", "1000")
+    (tmp_path / "exact").mkdir(), (tmp_path / "ivf").mkdir()
+    exact_code, exact, _ = scan_ivf(capsys, tmp_path / "exact", "exact")
+    code, report, err = scan_ivf(capsys, tmp_path / "ivf", "ivf:nlist=8,nprobe=8")
+    assert (exact_code, code) == (0, 0), err
+    assert report["summary"]["index_recall"] == 1.0 and report["index_recall"]["index"]["kind"] == "ivf"
+    assert report["runs"]["heun"]["nn_ratio"] == exact["runs"]["heun"]["nn_ratio"]

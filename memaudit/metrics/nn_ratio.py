@@ -58,17 +58,21 @@ def training_index(train: Tensor, features: Optional[FeatureSpace] = None, batch
 
 
 def bytes_index(train: ImageStore, index: str) -> NeighborIndex:
-    """The exact index of a uint8 training store: torch GEMMs over its chunks (no float copy); the indexes that
-    would copy it (faiss exact, IVF) are refused with what to do."""
+    """The index of a uint8 training store: exact, torch GEMMs over its chunks (no float copy); ivf, faiss over
+    a byte copy (memaudit.ivf.ByteIVFIndex); the low-precision torch index, which would copy it at 16 bits, is
+    refused with what to do."""
     from memaudit.indexes import parse_index
+    from memaudit.ivf import DEFAULT_NPROBE, ByteIVFIndex
     from memaudit.torch_index import TorchIndex
 
     name, options = parse_index(index)
     if name == "exact" or (name == "torch" and options.get("dtype", "fp32") == "fp32"):
         return TorchIndex(train, device=train.device)
-    raise UserError(f"--index {index} copies the training set as float32, and this one is held as uint8 to fit "
-                    f"in memory ({train.nbytes / 2**30:.2f} GiB as bytes): use --index exact, or raise "
-                    "MEMAUDIT_FLOAT_BUDGET (bytes) if the float32 copy fits")
+    if name == "ivf":
+        return ByteIVFIndex(train.to("cpu"), nlist=options.get("nlist"), nprobe=options.get("nprobe", DEFAULT_NPROBE))
+    raise UserError(f"--index {index} copies the training set at 16 bits, and this one is held as uint8 to fit "
+                    f"in memory ({train.nbytes / 2**30:.2f} GiB as bytes): use --index exact or ivf, or raise "
+                    "MEMAUDIT_FLOAT_BUDGET (bytes) if a float32 copy fits")
 
 
 def neighbours_needed(duplicates: Optional[Duplicates]) -> int:
