@@ -5,7 +5,9 @@ Value ranges are never guessed from a narrow span: uint8 arrays and 8-bit image 
 [-1, 1] when they dip below 0 but stay within it, as [0, 255] when their maximum is above 127 and at most 255;
 anything else (say floats 0..16) is refused unless `value_range` (CLI: --value-range LO,HI) says what the
 extremes mean.  The reading is recorded (Dataset.value_range) so the report can show it.  Layouts: (N, H, W),
-(N, H, W, C) and (N, C, H, W) with C in {1, 3}.
+(N, H, W, C) and (N, C, H, W) with C in {1, 3}; a lone (H, W, 3|4) image without its N axis is refused, and an
+array in either byte order reads as its native-order copy.  Image files over Pillow's decompression-bomb limit
+(PIL.Image.MAX_IMAGE_PIXELS) are refused.
 Class labels (for class-conditional models) come from a folder's immediate subfolders (sorted names -> 0, 1, ...,
 as torchvision's ImageFolder numbers them) or a .npz's integer `labels` array of length N; they are carried in
 Dataset.labels, and Dataset.labels_problem says why there are none (only a conditional scan needs them).
@@ -14,6 +16,10 @@ Dataset.labels, and Dataset.labels_problem says why there are none (only a condi
 from __future__ import annotations
 
 import os
+import re
+import sys
+import threading
+import warnings
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from memaudit import imagecache
-from memaudit.errors import SettingError, UserError, first_lines
+from memaudit.errors import SettingError, UserError, first_lines, printable
 from memaudit.resources import check_fits
 from memaudit.storage import ImageStore, float_budget, keep_as_bytes
 
@@ -44,6 +50,9 @@ DECODE_WORKERS = min(8, os.cpu_count() or 1)
 VALUE_RANGE_FOR_ARRAYS = "--value-range applies to .npy/.npz arrays; image files carry their own bit depth"
 PROGRESS_STEPS = 200  # a one-thread load calls its progress callback about this many times, and at the end
 BATCH_ITEMS = 256  # images per task of a parallel load (at most; fewer when there are few)
+# Held while an image file is opened with Pillow's decompression-bomb warning made an error: warnings filters are
+# process-wide, so decoding threads must not change them at the same time.
+_OPEN_LOCK = threading.Lock()
 
 Progress = Callable[[int, int], None]  # progress(done, total): images decoded so far, of total
 
@@ -192,13 +201,11 @@ def _cache_key(folder: Path, files: list[Path], resize, channels, limit, value_r
 
 
 def _say(note: Optional[Callable[[str], None]], line: str) -> None:
-    """Give a line to `note`, or as a Python warning when there is none."""
+    """Give a line to `note`, or print it as one plain line on stderr when there is none (as --quiet gives)."""
     if note is not None:
         note(line)
     else:
-        import warnings
-
-        warnings.warn(line, stacklevel=3)
+        print(printable(line), file=sys.stderr, flush=True)
 
 
 def ordered_map(fn: Callable, items: Sequence, progress: Optional[Progress] = None, done: int = 0,
@@ -262,12 +269,32 @@ def folder_labels(folder: Path, files: list[Path]) -> tuple[Optional[Tensor], Op
 
 
 def _open_image(path: Path) -> Image.Image:
+    """The decoded image file; a UserError when it cannot be read or has more pixels than Pillow's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS: above it Pillow warns, above twice it refuses)."""
     try:
-        with Image.open(path) as img:
+        with _open_checked(path) as img:
             img.load()
             return img.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserError(_bomb_message(path, exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"cannot read image {path}: {first_lines(exc, with_type=True)}") from None
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """Image.open(path) (reads the header only) with a DecompressionBombWarning raised as an error."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _bomb_message(path: Path, exc: Exception) -> str:
+    """The one-line error for an image over Pillow's decompression-bomb limit: its pixel count and why."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels" if found else first_lines(exc)
+    return (f"cannot read image {path}: it has {size}, over Pillow's decompression-bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS, a guard against files that decode "
+            "to exhaust memory); downscale the file")
 
 
 def _pil_array(img: Image.Image, channels: int) -> np.ndarray:
@@ -383,7 +410,7 @@ def _load_array_file(path: Path, resize, channels, limit, value_range) -> Datase
         raise
     except (ValueError, OSError, zipfile.BadZipFile, zlib.error, EOFError, KeyError) as exc:
         reason = first_lines(exc, with_type=True)
-        if "pickle" in reason.lower() or "object arrays" in reason.lower():
+        if any(word in reason.lower() for word in ("pickle", "object arrays", "python objects")):
             reason = "it holds Python objects (an object array), not numbers"
         raise UserError(f"cannot read array file {path}: {reason}") from None
     found = npz_labels(labels, len(array), path)
@@ -435,6 +462,7 @@ def array_to_dataset(array: np.ndarray, resize: Optional[int] = None, channels: 
         raise UserError(f"{name}: expected real image values, got a complex array ({array.dtype})")
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise UserError(f"{name}: expected a numeric image array, got dtype {array.dtype}")
+    array = _native_byte_order(array)
     nchw = _to_nchw(array, name)
     if nchw.shape[0] == 0:
         raise UserError(f"{name} holds no images")
@@ -467,14 +495,34 @@ def resize_images(images: Tensor, size: int) -> Tensor:
                                            align_corners=False).clamp(-1, 1)
 
 
+def _native_byte_order(array: np.ndarray) -> np.ndarray:
+    """The array in the machine's byte order (a converted copy of a big-endian '>u2', '>f4', ... on a
+    little-endian machine), so it is read exactly as its native copy: by dtype, value range and description."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
 def _to_nchw(array: np.ndarray, name: str) -> np.ndarray:
+    """The array as (N, C, H, W): from (N, H, W), (N, H, W, C) or (N, C, H, W), C in {1, 3}."""
     if array.ndim == 3:
+        _refuse_one_hwc_image(array, name)
         return array[:, None]
     if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3):
         return array
     if array.ndim == 4 and array.shape[-1] in (1, 3):
         return array.transpose(0, 3, 1, 2)
     raise UserError(f"{name}: cannot read image layout {array.shape}; use (N,H,W), (N,H,W,C) or (N,C,H,W), C in 1,3")
+
+
+def _refuse_one_hwc_image(array: np.ndarray, name: str) -> None:
+    """UserError for a 3-D array that looks like one (H, W, C) image saved without its image axis: a last axis of
+    3 or 4 that differs from the one before it (N grayscale images of width 3 or 4 that are not square are not
+    plausible; tiny square ones, e.g. (N, 4, 4), are read as (N, H, W))."""
+    h, w, c = array.shape
+    if c not in (3, 4) or w == c:
+        return
+    fix = "a[None]" if c == 3 else "a[None, ..., :3] (dropping the alpha channel)"
+    raise UserError(f"{name}: shape {array.shape} looks like one (H, W, C) image, not {h} grayscale images of "
+                    f"{w}x{c}; save it with a leading image axis, {fix}, as (1, {h}, {w}, 3)")
 
 
 def _rescale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:

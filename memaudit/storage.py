@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from memaudit.errors import UserError
+
 DEFAULT_FLOAT_BUDGET = 128 << 20  # a float32 path holds ~5 copies (index, DiffMemorize, tiles): +1 GB at most
 CHUNK_BYTES = 64 * 2**20  # a float32 chunk of training rows never takes more than this
 BYTE_SCALE = 127.5  # x = u / 127.5 - 1: memaudit.data's reading of uint8 [0, 255]
@@ -40,11 +42,19 @@ def owned_cpu(tensor: Tensor) -> Tensor:
 
 
 def float_budget() -> int:
-    """Bytes a scan may spend on float32 copies of the training set (MEMAUDIT_FLOAT_BUDGET, default 128 MiB)."""
-    try:
-        return max(0, int(float(os.environ.get("MEMAUDIT_FLOAT_BUDGET", DEFAULT_FLOAT_BUDGET))))
-    except ValueError:
+    """Bytes a scan may spend on float32 copies of the training set: MEMAUDIT_FLOAT_BUDGET (a finite number >= 0,
+    e.g. 134217728 or 1e9), DEFAULT_FLOAT_BUDGET (128 MiB) when it is unset or empty; a UserError otherwise."""
+    text = os.environ.get("MEMAUDIT_FLOAT_BUDGET", "").strip()
+    if not text:
         return DEFAULT_FLOAT_BUDGET
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value >= 0):
+        raise UserError(f"MEMAUDIT_FLOAT_BUDGET must be a finite number of bytes >= 0 (e.g. 134217728 or 1e9), "
+                        f"not {text!r}")
+    return int(value)
 
 
 class ImageStore:

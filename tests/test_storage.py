@@ -61,7 +61,7 @@ def test_the_bytes_index_is_exact_and_refuses_copying_indexes(u8, monkeypatch):
     np.testing.assert_allclose(dist.numpy(), ref.values[:, :3].numpy(), rtol=1e-6)
     assert torch.equal(idx, ref.indices[:, :3])
     with pytest.raises(UserError, match="MEMAUDIT_FLOAT_BUDGET"):
-        training_index(store, index="ivf")
+        training_index(store, index="torch:dtype=bf16")
 
 
 def test_a_scan_of_a_uint8_store_writes_the_float_scans_report(u8, capsys, tmp_path, monkeypatch):
@@ -111,3 +111,35 @@ def test_rows_of_a_channels_last_byte_array_equal_its_contiguous_copy():
     assert torch.equal(strided.rows(0, 4, out=buffer), contiguous.rows(0, 4))
     torch.testing.assert_close(strided.rows(1, 4).double(), chw[1:4].reshape(3, -1).double() / 127.5 - 1,
                                rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "-inf", "nan", "abc", "-5", "-0.5", "12 MiB"])
+def test_a_float_budget_that_is_not_a_finite_number_of_bytes_is_a_user_error(value, monkeypatch):
+    from memaudit.storage import float_budget
+
+    monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", value)
+    with pytest.raises(UserError) as err:
+        float_budget()
+    assert str(err.value) == (f"MEMAUDIT_FLOAT_BUDGET must be a finite number of bytes >= 0 (e.g. 134217728 or "
+                              f"1e9), not {value!r}")
+
+
+@pytest.mark.parametrize("value, expected", [(None, 128 * 2**20), ("", 128 * 2**20), ("  ", 128 * 2**20),
+                                             ("0", 0), ("1000", 1000), ("1e9", 10**9), ("2.5e3", 2500),
+                                             (" 4096 ", 4096)])
+def test_the_float_budget_reads_bytes_and_defaults_to_128_mib_when_unset_or_empty(value, expected, monkeypatch):
+    from memaudit.storage import float_budget
+
+    if value is None:
+        monkeypatch.delenv("MEMAUDIT_FLOAT_BUDGET", raising=False)
+    else:
+        monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", value)
+    assert float_budget() == expected
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "abc", "nan", "-5"])
+def test_a_scan_with_a_bad_float_budget_exits_2_with_one_line(value, u8, capsys, monkeypatch):
+    monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", value)
+    code, _, err = run_cli(capsys, "scan", "empirical", u8, "--dry-run", "--quiet")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: MEMAUDIT_FLOAT_BUDGET must be a finite number of bytes >= 0 (e.g. 134217728 or 1e9), not {value!r}"]
