@@ -121,6 +121,35 @@ def test_a_rank_that_fails_alone_before_the_scan_stops_every_rank_as_bad_input(t
     assert all("Traceback" not in err for _, err in codes)
 
 
+def launch(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python -m memaudit.launch --nproc_per_node 2 --standalone scan ...` (torchrun itself, two ranks)."""
+    env = {**os.environ, "MEMAUDIT_CACHE": str(tmp_path / "cache"), "MEMAUDIT_DIST_TIMEOUT": "120"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "memaudit.launch", "--nproc_per_node", str(RANKS), "--standalone",
+                           "scan", *argv], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case,code", [("gate", 1), ("bad input", 2)])
+def test_the_launcher_exits_with_memaudits_code_where_torchrun_says_1(tmp_path, case, code):
+    """torchrun folds every failed rank into exit 1; memaudit.launch runs it and exits with the ranks' code."""
+    argv = [MODEL, DATA, *SCAN, "--fail-on", "memorized_fraction>0.01"] if case == "gate" else \
+        [MODEL, str(tmp_path / "missing.npz"), *SCAN]
+    done = launch(argv, tmp_path)
+    assert done.returncode == code, done.stderr[-2000:]
+    assert ("status: FAIL" in done.stdout) if case == "gate" else ("error: data not found" in done.stderr)
+
+
+def test_the_launcher_reads_rank_0s_code_and_names_signals_internal():
+    from memaudit.launch import job_code, split_argv
+
+    assert split_argv(["--nproc_per_node", "2", "scan", "M", "D", "--samples", "4"]) == \
+        (["--nproc_per_node", "2"], ["scan", "M", "D", "--samples", "4"])
+    assert split_argv(["--nnodes", "1"]) == (["--nnodes", "1"], [])
+    assert job_code({0: 1, 1: 1}) == 1 and job_code({1: 2}) == 2 and job_code({0: 130}) == 130
+    assert job_code({0: -9}) == 3 and job_code({2: 7, 1: -6}) == 3
+
+
 def test_other_commands_refuse_torchrun(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "2"}
     p = subprocess.run([sys.executable, "-m", "memaudit", "inspect", MODEL], env=env, capture_output=True,
