@@ -36,6 +36,17 @@ def default_nlist(num_points: int) -> int:
     return max(1, min(int(4 * math.sqrt(num_points)), num_points // MIN_PER_CELL))
 
 
+def checked_cells(num_points: int, nlist: Optional[int], nprobe: int = DEFAULT_NPROBE) -> tuple[int, int]:
+    """(nlist, nprobe) for M points: nlist default_nlist(M) when None, in [1, M]; nprobe >= 1, at most nlist;
+    UserError naming --index otherwise."""
+    nlist = int(nlist) if nlist is not None else default_nlist(num_points)
+    if not 1 <= nlist <= num_points:
+        raise UserError(f"--index ivf: nlist must be in [1, {num_points}] (the training images), not {nlist}")
+    if nprobe < 1:
+        raise UserError(f"--index ivf: nprobe must be >= 1, not {nprobe}")
+    return nlist, min(int(nprobe), nlist)
+
+
 class IVFIndex(NeighborIndex):
     """IVF-Flat over points (M, ...), flattened; search as NeighborIndex (sorted exact distances of the candidates
     it finds), scanning `nprobe` of `nlist` cells."""
@@ -57,13 +68,7 @@ class IVFIndex(NeighborIndex):
     def _configure(self, num_points: int, dim: int, nlist: Optional[int], nprobe: int) -> None:
         """Sizes, nlist (default_nlist when None) and nprobe, checked."""
         self.num_points, self.dim = int(num_points), int(dim)
-        self.nlist = int(nlist) if nlist is not None else default_nlist(self.num_points)
-        if not 1 <= self.nlist <= self.num_points:
-            raise UserError(f"--index ivf: nlist must be in [1, {self.num_points}] (the training images), "
-                            f"not {self.nlist}")
-        if nprobe < 1:
-            raise UserError(f"--index ivf: nprobe must be >= 1, not {nprobe}")
-        self.nprobe = min(int(nprobe), self.nlist)
+        self.nlist, self.nprobe = checked_cells(self.num_points, nlist, nprobe)
 
     def _build(self, quantizer, index, sample: np.ndarray, parts) -> None:
         """k-means (fixed seed) on `sample`, then the points added part by part (float32 rows in faiss's units)."""

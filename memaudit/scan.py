@@ -32,7 +32,7 @@ from memaudit.indexes import is_approximate, parse_index
 from memaudit.metrics import METRICS, SKIP_CHOICES, skipped
 from memaudit.metrics.base import RUN, RunData, ScanContext
 from memaudit.metrics.fid import FID_MODES
-from memaudit.metrics.nn_ratio import training_index
+from memaudit.metrics.nn_ratio import check_index, training_index
 from memaudit.neighbors import NeighborIndex
 from memaudit.report.schema import build_report
 from memaudit.resources import check_fits, map_large_blocks, return_freed_memory
@@ -374,6 +374,8 @@ def dry_run(model: Denoiser, train: Tensor, config: ScanConfig, holdout: Optiona
     from memaudit import cost
 
     config.validate()
+    check_index(train, config.index)  # what the scan would refuse, refused before planning it
+    check_sampling_memory(config, model.image_shape or tuple(train.shape[1:]))
     workload = cost.Workload(
         num_train=int(train.shape[0]), dim=int(math.prod(train.shape[1:])), num_samples=config.num_samples,
         samplers=tuple(config.samplers), steps=config.steps, record=trajectory_rows(config, model.image_shape or

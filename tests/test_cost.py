@@ -99,3 +99,19 @@ def test_dry_run_refuses_what_needs_a_measurement(capsys, tmp_path, flag):
     np.save(data, np.random.default_rng(0).integers(0, 256, (30, 8, 8), dtype=np.uint8))
     code, out, err = run_cli(capsys, "scan", "empirical", data, "--dry-run", *flag)
     assert code == 2 and "--dry-run measures nothing" in err and flag[0] in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--index", "ivf:nlist=5000"], "nlist must be in [1, 30]"),
+    (["--index", "torch:dtype=bf16", "--budget"], "copies the training set at 16 bits"),
+    (["--samples", "1000000000", "--batch-size", "1000000000"], "lower --samples or --batch-size")])
+def test_dry_run_refuses_what_the_scan_would_refuse(capsys, tmp_path, monkeypatch, flags, message):
+    """A plan of a scan that cannot run (an IVF with more cells than images, a 16-bit index over a uint8 set,
+    samples that cannot fit in memory) is the scan's own one-line refusal, exit 2, not a plan (exit 0)."""
+    if "--budget" in flags:
+        flags = flags[:-1]
+        monkeypatch.setenv("MEMAUDIT_FLOAT_BUDGET", "100")  # the set stays uint8
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, (30, 8, 8), dtype=np.uint8))
+    code, out, err = run_cli(capsys, "scan", "empirical", data, "--dry-run", *flags)
+    assert code == 2 and message in err and "dominant phase" not in out

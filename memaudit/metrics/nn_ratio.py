@@ -70,9 +70,27 @@ def bytes_index(train: ImageStore, index: str) -> NeighborIndex:
         return TorchIndex(train, device=train.device)
     if name == "ivf":
         return ByteIVFIndex(train.to("cpu"), nlist=options.get("nlist"), nprobe=options.get("nprobe", DEFAULT_NPROBE))
-    raise UserError(f"--index {index} copies the training set at 16 bits, and this one is held as uint8 to fit "
-                    f"in memory ({train.nbytes / 2**30:.2f} GiB as bytes): use --index exact or ivf, or raise "
-                    "MEMAUDIT_FLOAT_BUDGET (bytes) if a float32 copy fits")
+    raise _low_precision_refused(train, index)
+
+
+def _low_precision_refused(train: ImageStore, index: str) -> UserError:
+    return UserError(f"--index {index} copies the training set at 16 bits, and this one is held as uint8 to fit "
+                     f"in memory ({train.nbytes / 2**30:.2f} GiB as bytes): use --index exact or ivf, or raise "
+                     "MEMAUDIT_FLOAT_BUDGET (bytes) if a float32 copy fits")
+
+
+def check_index(train, index: str) -> None:
+    """The refusals training_index would make for `index` over `train`, without building it (for --dry-run):
+    IVF cell counts out of range, a low-precision torch index over a uint8 store."""
+    from memaudit.indexes import parse_index
+    from memaudit.ivf import DEFAULT_NPROBE, checked_cells
+
+    name, options = parse_index(index)
+    if name == "ivf":
+        checked_cells(int(train.shape[0]), options.get("nlist"), options.get("nprobe", DEFAULT_NPROBE))
+    if name == "torch" and options.get("dtype", "fp32") != "fp32" and isinstance(train, ImageStore) \
+            and train.is_bytes:
+        raise _low_precision_refused(train, index)
 
 
 def neighbours_needed(duplicates: Optional[Duplicates]) -> int:
