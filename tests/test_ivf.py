@@ -164,3 +164,11 @@ def test_a_scan_of_a_uint8_set_takes_ivf_and_measures_its_recall(capsys, tmp_pat
     assert (exact_code, code) == (0, 0), err
     assert report["summary"]["index_recall"] == 1.0 and report["index_recall"]["index"]["kind"] == "ivf"
     assert report["runs"]["heun"]["nn_ratio"] == exact["runs"]["heun"]["nn_ratio"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.1", "1.5"])
+def test_a_min_recall_that_is_not_a_recall_is_bad_input_naming_the_flag(capsys, tmp_path, value):
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, (60, 8, 8), dtype=np.uint8))
+    code, _, err = run_cli(capsys, "scan", "empirical", data, "--index", "ivf", "--min-recall", value)
+    assert code == 2 and err.startswith("error: --min-recall must be a recall in [0, 1]") and err.count("\n") == 1

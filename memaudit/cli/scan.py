@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -189,6 +190,8 @@ def rank_fingerprint(train, denoiser, held, config: ScanConfig) -> Optional[dict
 def recall_gate(index: str, min_recall: float) -> list:
     """With an approximate index, the automatic gate that fails the scan when its measured recall is too low
     (a missed neighbour undercounts copies: fail closed)."""
+    if not (math.isfinite(min_recall) and 0.0 <= min_recall <= 1.0):
+        raise UserError(f"--min-recall must be a recall in [0, 1], not {min_recall!r}")
     return parse_gates([f"index_recall<{min_recall!r}"]) if is_approximate(index) else []
 
 
